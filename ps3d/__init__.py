@@ -1,0 +1,1 @@
+"""The ``ps3d`` command line: one entry point for the whole platform."""
