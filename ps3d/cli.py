@@ -160,7 +160,7 @@ def convert(
 
     scan = open_scan(scan_dir)
     started = time.perf_counter()
-    with progress_bar(f"convert {scan.metadata.sample_id}", "slab") as progress:
+    with progress_bar(f"convert {scan.metadata.sample_id}", "slice") as progress:
         result = convert_to_ome_zarr(
             scan, out, chunks=(chunk, chunk, chunk), progress=progress, check_disk_space=check_disk_space
         )

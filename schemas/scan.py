@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -39,6 +40,25 @@ SampleId = Annotated[
 #: Phase names become column names (``phase_<name>_fraction``).
 PhaseName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,63}$")]
 PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _check_spacing(value: Any) -> Any:
+    """One clear message for a bad spacing instead of one per union member."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, (list, tuple)) and len(values) != 3:
+        raise ValueError(f"must be one number or [z, y, x], got {len(values)} values")
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ValueError(f"must be a number in mm, got {item!r}")
+        if not (math.isfinite(item) and item > 0):
+            raise ValueError(f"must be a positive finite number of mm, got {item!r}")
+    return value
+
+
+#: Voxel size in mm: one number (isotropic) or [z, y, x].
+Spacing = Annotated[
+    PositiveFinite | tuple[PositiveFinite, PositiveFinite, PositiveFinite], BeforeValidator(_check_spacing)
+]
 
 
 class Stream(str, Enum):
@@ -67,7 +87,7 @@ class ScanMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
     sample_id: SampleId = Field(description="Unique sample name; used in file names.")
-    spacing_mm: PositiveFinite | tuple[PositiveFinite, PositiveFinite, PositiveFinite] = Field(
+    spacing_mm: Spacing = Field(
         description="Voxel size in mm: one number (isotropic) or [z, y, x]."
     )
     particle_size_mm: PositiveFinite | None = Field(
@@ -111,7 +131,7 @@ class LegacyImageMetadata(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    spacing: PositiveFinite | tuple[PositiveFinite, PositiveFinite, PositiveFinite]
+    spacing: Spacing
     particle_size: PositiveFinite | tuple[PositiveFinite, PositiveFinite, PositiveFinite] | None = None
 
     @model_validator(mode="after")
@@ -145,7 +165,8 @@ def describe_validation_error(error: ValidationError) -> str:
         elif item["type"] == "missing":
             lines.append(f"missing field {field!r}")
         else:
-            lines.append(f"field {field!r}: {item['msg']} (value {item['input']!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"field {field!r}: {message} (value {item['input']!r})")
     return "; ".join(lines)
 
 
