@@ -6,13 +6,14 @@ Formats and the scan-directory rules: :mod:`ps3d_core.io.volumes` and
 """
 
 from ps3d_core.io.atomic import atomic_output
-from ps3d_core.io.convert import convert_to_ome_zarr, export_tiff
+from ps3d_core.io.convert import convert_to_ome_zarr, export_tiff, write_labels_ome_zarr
 from ps3d_core.io.ngff import open_ome_zarr
 from ps3d_core.io.scans import Scan, find_scan_image, open_legacy_dataset, open_scan
 from ps3d_core.io.tiff import write_tiff
-from ps3d_core.io.volumes import Volume, open_volume, read_image
+from ps3d_core.io.volumes import ArrayVolume, Volume, open_volume, read_image
 
 __all__ = [
+    "ArrayVolume",
     "Scan",
     "Volume",
     "atomic_output",
@@ -24,5 +25,6 @@ __all__ = [
     "open_scan",
     "open_volume",
     "read_image",
+    "write_labels_ome_zarr",
     "write_tiff",
 ]

@@ -31,10 +31,10 @@ from zarr.codecs import BloscCodec
 
 from ps3d_core.errors import ScanError
 from ps3d_core.io.atomic import atomic_output
-from ps3d_core.io.ngff import Downsampling, multiscales_attributes
+from ps3d_core.io.ngff import NGFF_VERSION, Downsampling, multiscales_attributes
 from ps3d_core.io.scans import Scan
 from ps3d_core.io.tiff import tiff_options
-from ps3d_core.io.volumes import Volume, open_volume
+from ps3d_core.io.volumes import ArrayVolume, Volume, open_volume
 
 #: z, y, x voxels per chunk: 4 MiB of uint16, a good unit for viewers and for dask.
 DEFAULT_CHUNKS = (128, 128, 128)
@@ -159,6 +159,7 @@ def convert_to_ome_zarr(
     downsampling: Downsampling = "mean",
     progress: Progress | None = None,
     check_disk_space: bool = True,
+    ome_extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Stream a scan into a compressed OME-Zarr (NGFF 0.5, zarr v3) image pyramid.
 
@@ -183,6 +184,8 @@ def convert_to_ome_zarr(
         Called after each slab with the z slices written so far and in total.
     check_disk_space : bool
         Refuse up front an output bigger (uncompressed) than the free space.
+    ome_extra : mapping, optional
+        Extra keys of the NGFF ``ome`` document (``image-label``).
 
     Returns
     -------
@@ -201,7 +204,7 @@ def convert_to_ome_zarr(
     shapes = pyramid_shapes(volume.shape, chunks)
     if check_disk_space:
         ensure_disk_space(volume.path, sum(math.prod(s) for s in shapes) * volume.dtype.itemsize, out)
-    group_attributes["ome"] = multiscales_attributes(name, spacing, len(shapes), downsampling)
+    group_attributes["ome"] = multiscales_attributes(name, spacing, len(shapes), downsampling) | dict(ome_extra or {})
     with atomic_output(out) as temporary:
         group = zarr.create_group(temporary, zarr_format=3, attributes=group_attributes)
         levels = [
@@ -222,6 +225,43 @@ def convert_to_ome_zarr(
             if progress is not None:
                 progress(z1, volume.shape[0])
     return out
+
+
+def write_labels_ome_zarr(
+    labels: np.ndarray,
+    out: str | os.PathLike[str],
+    spacing_zyx_mm: tuple[float, float, float],
+    *,
+    attributes: Mapping[str, Any] | None = None,
+    chunks: tuple[int, int, int] = DEFAULT_CHUNKS,
+) -> Path:
+    """Write an in-memory instance label volume as an OME-Zarr label image.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (Z, Y, X), unsigned integer
+        0 background, k > 0 particle k.
+    out : path
+        ``labels.ome.zarr`` directory, replaced atomically.
+    spacing_zyx_mm : (float, float, float)
+        Voxel size in mm.
+    attributes : mapping, optional
+        Extra root attributes (run parameters).
+
+    The pyramid keeps every second voxel (a mean would invent labels) and the
+    root carries NGFF's ``image-label`` marker so viewers show it as labels.
+    """
+    label_marker = {"image-label": {"version": NGFF_VERSION, "source": {}}}
+    return convert_to_ome_zarr(
+        ArrayVolume(labels, out, spacing_zyx_mm),
+        out,
+        spacing_zyx_mm=spacing_zyx_mm,
+        chunks=chunks,
+        attributes=attributes,
+        downsampling="stride",
+        check_disk_space=False,
+        ome_extra=label_marker,
+    )
 
 
 def _pages(volume: Volume, progress: Progress | None) -> Iterator[np.ndarray]:

@@ -249,6 +249,18 @@ def _tiff_spacing(tif: tifffile.TiffFile) -> tuple[float, float, float] | None:
     return spacing_in_mm((imagej["spacing"], 1 / y_per_unit, 1 / x_per_unit), imagej.get("unit"))
 
 
+class ArrayVolume(Volume):
+    """An in-memory (Z, Y, X) array seen as a volume, so that results computed
+    in memory (labels of a small scan) go through the same streamed writers."""
+
+    def __init__(self, array: np.ndarray, name: str | Path, spacing_zyx_mm: tuple[float, float, float] | None) -> None:
+        super().__init__(Path(name), array.shape, array.dtype, spacing_zyx_mm)
+        self._array = array
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        return self._array[z0:z1]
+
+
 class TiffVolume(Volume):
     """One multi-page TIFF, page z holding slice z."""
 
