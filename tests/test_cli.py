@@ -17,7 +17,7 @@ from ps3d.cli import app
 from ps3d_core.io import open_ome_zarr, read_image, write_tiff
 
 runner = CliRunner()
-COMMANDS = ["synth", "validate", "convert", "export", "demo"]
+COMMANDS = ["synth", "validate", "convert", "export", "demo", "evaluate", "baseline", "split"]
 
 
 def make_scan(scan_dir: Path, volume: np.ndarray | None = None, **fields) -> Path:
@@ -141,3 +141,85 @@ def test_image_too_large_for_the_disk(tmp_path):
 
 def test_unknown_preset(tmp_path):
     assert "choose one of tiny" in run_bad("synth", str(tmp_path), "--preset", "huge")
+
+
+def two_spheres(shape=(40, 40, 60), radius=9) -> np.ndarray:
+    """Two touching balls, labels 1 and 2."""
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    labels = np.zeros(shape, np.uint32)
+    for label, cx in ((1, 20), (2, 20 + 2 * radius)):
+        labels[(z - 20) ** 2 + (y - 20) ** 2 + (x - cx) ** 2 <= radius**2] = label
+    return labels
+
+
+def write_ref(tmp_path: Path, labels: np.ndarray) -> Path:
+    write_tiff(tmp_path / "ref.tif", labels, (0.02, 0.02, 0.02))
+    return tmp_path / "ref.tif"
+
+
+def evaluate_cli(pred: Path, ref: Path) -> dict:
+    result = runner.invoke(app, ["evaluate", str(pred), str(ref)])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_evaluate_prints_the_paper_metrics(tmp_path):
+    reference = two_spheres()
+    write_tiff(tmp_path / "ref.tif", reference)
+    write_tiff(tmp_path / "merged.tif", (reference > 0).astype(np.uint32))
+    scores = evaluate_cli(tmp_path / "merged.tif", tmp_path / "ref.tif")
+    assert scores["n_pred"] == 1 and scores["n_ref"] == 2
+    assert scores["mergers"] == 1 and scores["merger_ratio"] == 0.5
+    assert scores["f1"] == 1.0
+
+
+def test_evaluate_refuses_different_shapes(tmp_path):
+    write_tiff(tmp_path / "a.tif", np.zeros((4, 5, 6), np.uint32))
+    write_tiff(tmp_path / "b.tif", np.zeros((4, 5, 7), np.uint32))
+    line = run_bad("evaluate", str(tmp_path / "a.tif"), str(tmp_path / "b.tif"))
+    assert str(tmp_path / "a.tif") in line
+
+
+def test_baseline_writes_the_segmentation_format(tmp_path):
+    reference = two_spheres()
+    rng = np.random.default_rng(0)
+    image = (1000 + 20000 * (reference > 0) + rng.normal(0, 500, reference.shape)).clip(0, 65535).astype(np.uint16)
+    scan_dir = make_scan(tmp_path / "two", image, particle_size_mm=18 * 0.02)
+    out = tmp_path / "baseline"
+    result = runner.invoke(app, ["baseline", str(scan_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "segment.json").read_text())
+    labels, spacing, attributes = open_ome_zarr(out / "labels.ome.zarr")
+    assert record["method"] == "threshwater" and record["particle_count"] == 2
+    assert labels.dtype == np.uint32 and spacing == (0.02, 0.02, 0.02)
+    assert "image-label" in attributes["ome"]
+    assert evaluate_cli(out / "labels.ome.zarr", write_ref(tmp_path, reference))["f1_match"] == 1.0
+
+
+def test_split_separates_a_merged_pair(tmp_path):
+    reference = two_spheres()
+    merged = tmp_path / "merged.tif"
+    write_tiff(merged, (reference > 0).astype(np.uint32), (0.02, 0.02, 0.02))
+    out = tmp_path / "split.tif"
+    result = runner.invoke(
+        app,
+        ["split", str(merged), "--label", "1", "--marker", "20,20,20", "--marker", "20,20,38",
+         "--border", "10,10,29", "--border", "30,30,29", "--border", "30,10,29", "--border", "10,30,29", "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["new_labels"] == [2, 3]
+    scores = evaluate_cli(out, write_ref(tmp_path, reference))
+    assert scores["n_pred"] == 2 and scores["f1_match"] == 1.0 and scores["f1_instance"] > 0.95
+
+
+def test_split_refuses_a_marker_off_the_particle(tmp_path):
+    merged = tmp_path / "merged.tif"
+    write_tiff(merged, (two_spheres() > 0).astype(np.uint32))
+    line = run_bad("split", str(merged), "--label", "1", "--marker", "0,0,0", "--marker", "20,20,38", "--border", "20,20,29")
+    assert str(merged) in line and "marker" in line
+
+
+def test_split_refuses_malformed_points(tmp_path):
+    assert "expected voxel coordinates z,y,x" in run_bad(
+        "split", str(tmp_path / "x.tif"), "--label", "1", "--marker", "1,2", "--marker", "1,2,3", "--border", "1,1,1"
+    )

@@ -5,7 +5,7 @@ Formats and the scan-directory rules: :mod:`ps3d_core.io.volumes` and
 :mod:`ps3d_core.io.convert`. Axis order is always z, y, x; sizes in mm.
 """
 
-from ps3d_core.io.atomic import atomic_output
+from ps3d_core.io.atomic import atomic_output, write_text_atomic
 from ps3d_core.io.convert import convert_to_ome_zarr, export_tiff, write_labels_ome_zarr
 from ps3d_core.io.ngff import open_ome_zarr
 from ps3d_core.io.scans import Scan, find_scan_image, open_legacy_dataset, open_scan
@@ -26,5 +26,6 @@ __all__ = [
     "open_volume",
     "read_image",
     "write_labels_ome_zarr",
+    "write_text_atomic",
     "write_tiff",
 ]

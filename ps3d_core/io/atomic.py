@@ -58,3 +58,10 @@ def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(temporary, target)
+
+
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
+    """Write a small text file (JSON records) so readers see the old or the new one, never half."""
+    with atomic_output(target) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(target)
