@@ -13,7 +13,7 @@ Modules: ``shapes`` (star-shaped SDF particles, spherical-harmonic basis),
 Output of :func:`write_synthetic_scan`::
 
     OUT/<sample_id>/scan.tif               uint16 z-y-x, the scan
-    OUT/<sample_id>/scan.json              ScanMetadata (phases: grey ranges of the minerals)
+    OUT/<sample_id>/scan.json              ScanMetadata (phases: grey ranges of the mineral roles)
     OUT/<sample_id>/_SCAN_COMPLETE
     OUT/_truth/<sample_id>_labels.tif      uint32 instances, 0 = background
     OUT/_truth/<sample_id>_phases.tif      uint8 phase ids, > 0 exactly where labels > 0
