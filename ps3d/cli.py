@@ -330,3 +330,53 @@ def split(
     except ValueError as error:
         raise fail(f"{labels}: {error}") from None
     typer.echo(json.dumps({"label": label, "new_labels": new_ids, "out": str(out or labels)}))
+
+
+def write_label_volume(volume, out: Path, spacing_zyx_mm) -> None:
+    """TIFF when OUT ends in .tif/.tiff, else an OME-Zarr label image (needs a voxel size)."""
+    from ps3d_core.io import write_labels_ome_zarr, write_tiff
+
+    if out.suffix.lower() in (".tif", ".tiff"):
+        write_tiff(out, volume, spacing_zyx_mm)
+    elif spacing_zyx_mm is None:
+        raise ScanError(out, "an OME-Zarr output needs a voxel size, and the input has none: write a .tif instead")
+    else:
+        write_labels_ome_zarr(volume, out, spacing_zyx_mm)
+
+
+@app.command("border-core")
+@reports_bad_input
+def border_core(
+    labels: Annotated[Path, typer.Argument(help="Instance labels (TIFF, OME-Zarr, NIfTI).")],
+    out: Annotated[Path, typer.Argument(help="Output: .tif, or an .ome.zarr directory.")],
+    thickness: Annotated[int, typer.Option(min=1, help="Border thickness in voxels (ball radius).")] = 3,
+) -> None:
+    """Turn instance labels into the border-core training target (0 background, 1 core, 2 border)."""
+    from ps3d_core.bordercore import instances_to_border_core
+    from ps3d_core.io import open_volume
+
+    with open_volume(labels) as volume:
+        spacing = volume.spacing_zyx_mm
+        result = instances_to_border_core(volume.read(0, volume.shape[0]), thickness)
+    write_label_volume(result, out, spacing)
+    typer.echo(str(out))
+
+
+@app.command()
+@reports_bad_input
+def instances(
+    border_core_path: Annotated[Path, typer.Argument(metavar="BORDER_CORE", help="Border-core volume (0/1/2).")],
+    out: Annotated[Path, typer.Argument(help="Output: .tif, or an .ome.zarr directory.")],
+    min_distance: Annotated[float, typer.Option(help="Small-core filter: distance to the core's border (voxels).")] = 1,
+    min_ratio: Annotated[float, typer.Option(help="Small-core filter: share of core voxels that near the border.")] = 0.95,
+) -> None:
+    """Turn a border-core segmentation into particle instances (uint32 labels)."""
+    from ps3d_core.bordercore import border_core_to_instances
+    from ps3d_core.io import open_volume
+
+    with open_volume(border_core_path) as volume:
+        spacing = volume.spacing_zyx_mm
+        result = border_core_to_instances(volume.read(0, volume.shape[0]), min_distance, min_ratio)
+    write_label_volume(result, out, spacing)
+    typer.secho(f"{int(result.max())} particles", err=True)
+    typer.echo(str(out))

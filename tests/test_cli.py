@@ -17,7 +17,7 @@ from ps3d.cli import app
 from ps3d_core.io import open_ome_zarr, read_image, write_tiff
 
 runner = CliRunner()
-COMMANDS = ["synth", "validate", "convert", "export", "demo", "evaluate", "baseline", "split"]
+COMMANDS = ["synth", "validate", "convert", "export", "demo", "evaluate", "baseline", "split", "border-core", "instances"]
 
 
 def make_scan(scan_dir: Path, volume: np.ndarray | None = None, **fields) -> Path:
@@ -223,3 +223,23 @@ def test_split_refuses_malformed_points(tmp_path):
     assert "expected voxel coordinates z,y,x" in run_bad(
         "split", str(tmp_path / "x.tif"), "--label", "1", "--marker", "1,2", "--marker", "1,2,3", "--border", "1,1,1"
     )
+
+
+def test_border_core_and_back_recovers_touching_particles(tmp_path):
+    reference = two_spheres()
+    write_tiff(tmp_path / "labels.tif", reference, (0.02, 0.02, 0.02))
+    result = runner.invoke(app, ["border-core", str(tmp_path / "labels.tif"), str(tmp_path / "bc.ome.zarr")])
+    assert result.exit_code == 0, result.output
+    border_core, spacing, _ = open_ome_zarr(tmp_path / "bc.ome.zarr")
+    assert spacing == (0.02, 0.02, 0.02)
+    assert set(np.unique(border_core[:]).tolist()) == {0, 1, 2}
+    result = runner.invoke(app, ["instances", str(tmp_path / "bc.ome.zarr"), str(tmp_path / "back.tif")])
+    assert result.exit_code == 0, result.output
+    scores = evaluate_cli(tmp_path / "back.tif", tmp_path / "labels.tif")
+    assert scores["n_pred"] == 2 and scores["f1_instance"] == 1.0
+
+
+def test_border_core_to_ome_zarr_needs_a_voxel_size(tmp_path):
+    write_tiff(tmp_path / "labels.tif", two_spheres().astype(np.uint16))
+    line = run_bad("border-core", str(tmp_path / "labels.tif"), str(tmp_path / "bc.ome.zarr"))
+    assert "needs a voxel size" in line
