@@ -380,3 +380,84 @@ def instances(
     write_label_volume(result, out, spacing)
     typer.secho(f"{int(result.max())} particles", err=True)
     typer.echo(str(out))
+
+
+@contextmanager
+def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(stage, done, total)`` callback: one tqdm bar per pipeline stage."""
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(desc=stage, unit="chunk", total=total, leave=False, dynamic_ncols=True)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+@app.command()
+@reports_bad_input
+def segment(
+    scan_dir: Annotated[Path, typer.Argument(help="A scan directory, or an original ParticleSeg3D dataset image.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output directory; default ps3d-output/<sample_id>/.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder; default the shipped models/ps3d-default.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    tta: Annotated[bool, typer.Option(help="Mirroring test-time augmentation (8x slower).")] = False,
+    folds: Annotated[Optional[list[int]], typer.Option(help="Folds to ensemble (repeat); default all.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 4,
+    chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Chunk edge in resampled voxels (multiple of the patch).")] = None,
+    particle_size_mm: Annotated[
+        Optional[float], typer.Option(help="Mean particle diameter in mm; overrides scan.json and the estimate.")
+    ] = None,
+    dask_address: Annotated[
+        Optional[str], typer.Option(help="Dask scheduler to run the chunks on; default $DASK_SCHEDULER_ADDRESS, else a local cluster.")
+    ] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Workers of the local Dask cluster.")] = None,
+) -> None:
+    """Segment every particle of a scan: OUT/labels.ome.zarr (uint32) and OUT/segment.json.
+
+    The scan is z-scored with the model's statistics, resampled so the mean
+    particle has the model's target size, predicted chunk by chunk with
+    Gaussian-weighted overlapping patches (chunks overlap by one patch),
+    converted from border-core to instances with globally consistent labels,
+    and resampled back. An interrupted run resumes from its finished chunks.
+    """
+    from pydantic import ValidationError
+
+    from deployments.cluster import chunk_executors, dask_client
+    from ps3d_core.inference import SegmentParams, run_segmentation
+    from ps3d_core.io import open_scan
+
+    try:
+        params = SegmentParams(
+            model_dir=model,
+            folds=tuple(folds) if folds else None,
+            device=device,
+            tta=tta,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            particle_size_mm=particle_size_mm,
+        )
+    except ValidationError as error:
+        raise fail("; ".join(item["msg"] for item in error.errors())) from None
+    with open_scan(scan_dir) as scan:
+        sample_id = scan.metadata.sample_id
+    out = out or default_output_dir(sample_id)
+    with dask_client(dask_address, n_workers=workers) as client, stage_progress() as progress:
+        predict_executor, executor = chunk_executors(client)
+        record = run_segmentation(
+            scan_dir, out, params, predict_executor=predict_executor, executor=executor, progress=progress
+        )
+    typer.echo(str(out))
+    typer.secho(
+        f"{sample_id}: {record['particle_count']} particles; particle size {record['particle_size_mm']:.4g} mm "
+        f"({record['particle_size_source']})",
+        err=True,
+    )
