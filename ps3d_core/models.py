@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ps3d_core.errors import ScanError
+from ps3d_core.intensity import quantile_levels
 from ps3d_core.io.atomic import atomic_output
 from schemas.scan import describe_validation_error
 
@@ -59,13 +60,35 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class IntensityNormalization(BaseModel):
-    """Paper Eq. 1: ``(I - mean) / std`` with the training set's global statistics."""
+    """How a model normalises intensities (:mod:`ps3d_core.intensity`).
+
+    ``zscore``: paper Eq. 1, ``(I - mean) / std`` with the training set's
+    global statistics (``mean``, ``std`` required). ``quantile``: per scan,
+    ``(I - q_lo) / (q_hi - q_lo)`` with the scan's own ``quantiles`` of its
+    non-zero voxels.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["zscore"] = "zscore"
-    mean: float = Field(allow_inf_nan=False)
-    std: PositiveFloat
+    method: Literal["zscore", "quantile"] = "zscore"
+    mean: float | None = Field(default=None, allow_inf_nan=False)
+    std: PositiveFloat | None = None
+    quantiles: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.method == "zscore" and (self.mean is None or self.std is None):
+            raise ValueError("method 'zscore' needs mean and std")
+        if self.method == "quantile":
+            if self.quantiles is None or not 0 <= self.quantiles[0] < self.quantiles[1] <= 1:
+                raise ValueError(f"method 'quantile' needs quantiles 0 <= low < high <= 1, got {self.quantiles}")
+        return self
+
+    def levels(self, volume) -> tuple[float, float]:
+        """``(offset, scale)`` for ``volume``: ``(mean, std)``, or the scan's quantile levels."""
+        if self.method == "zscore":
+            return float(self.mean), float(self.std)
+        return quantile_levels(volume, self.quantiles)
 
 
 class ModelMetadata(BaseModel):

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ps3d_core.bordercore import instances_to_border_core
-from ps3d_core.inference.geometry import resample_linear, resample_nearest, target_shape, zoom_factors
 from ps3d_core.models import ModelMetadata, build_network, make_dataset_json, make_plans, save_model_folder
 from ps3d_core.synth import synthesize
+from ps3d_core.training.dataset import prepare_case, zscore_statistics
 
 TARGET_PARTICLE_SIZE = 16
 PATCH = (32, 32, 32)
@@ -37,12 +36,11 @@ CONFIGURATION = "3d_fullres"
 
 def prepare(scan, mean: float, std: float, target: float = TARGET_PARTICLE_SIZE):
     """(normalised target-grid image float32, border-core target uint8) of a synthetic scan."""
-    factors = zoom_factors(scan.metadata.spacing_zyx_mm, scan.metadata.particle_size_mm, target)
-    shape = target_shape(scan.image.shape, factors)
-    image = (scan.image.astype(np.float32) - np.float32(mean)) / np.float32(std)
-    image = resample_linear(image, (0, 0, 0), scan.image.shape, shape, tuple(slice(0, n) for n in shape))
-    labels = resample_nearest(scan.labels, shape)
-    return image, instances_to_border_core(labels, 3)
+    meta = scan.metadata
+    image, _, border_core = prepare_case(
+        scan.image, scan.labels, meta.spacing_zyx_mm, meta.particle_size_mm, (mean, std), target
+    )
+    return image, border_core
 
 
 def _crop(rng, image, target, patch):
@@ -101,8 +99,7 @@ def build_tiny_model(folder: str | Path, *, iterations: int = 200, extra_fold_it
 def _build(folder: Path, iterations: int, extra_fold_iterations: int) -> Path:
     torch.manual_seed(0)
     scans = [synthesize("tiny", s, workers=1) for s in TRAIN_SEEDS]
-    values = np.concatenate([s.image.ravel().astype(np.float64) for s in scans])
-    mean, std = float(values.mean()), float(values.std())
+    mean, std = zscore_statistics([s.image for s in scans])
     data = [prepare(s, mean, std) for s in scans]
     plans = make_plans(
         patch_size=PATCH,

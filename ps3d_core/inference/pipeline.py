@@ -21,8 +21,8 @@ pyramid_<k>         :func:`pyramid_chunk` (``k`` = level)        level-k chunks
 
 1. **predict**: the chunk's input (the union of the global-grid patches that
    intersect it: the chunk plus up to one patch of margin) is read from the
-   scan (the source box its trilinear interpolation needs), z-scored with the
-   model's statistics, resampled to the target grid and predicted patch by
+   scan (the source box its trilinear interpolation needs), normalised as the
+   model prescribes (levels computed once per scan, :mod:`ps3d_core.intensity`), resampled to the target grid and predicted patch by
    patch (:mod:`ps3d_core.inference.predict`); the border-core argmax goes to
    ``work/border_core.zarr``. Equal to a whole-volume sliding window.
 2. **instances**: :mod:`ps3d_core.bordercore`'s chunk functions (globally
@@ -127,7 +127,7 @@ __all__ = [
 ]
 
 #: Bump when a change of this module changes results: old work directories are then not reused.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 SEGMENT_JSON = "segment.json"
 LABELS_NAME = "labels.ome.zarr"
 WORK_PREFIX = ".work-"
@@ -387,6 +387,11 @@ def prepare_plan(
         except ValueError as error:
             raise ScanError(scan_path, str(error)) from None
         size_mm, size_source = _particle_size(params, scan_meta, volume, spacing, scan_path)
+        normalization = model.metadata.intensity_normalization
+        try:
+            offset, scale = normalization.levels(volume)
+        except ValueError as error:
+            raise ScanError(image_path, f"cannot be normalised: {error}") from None
         factors = zoom_factors(spacing, size_mm, model.metadata.target_particle_size_voxels)
         source_shape = tuple(int(n) for n in volume.shape)
         shape = target_shape(source_shape, factors)
@@ -439,10 +444,7 @@ def prepare_plan(
             "target_particle_size_voxels": model.metadata.target_particle_size_voxels,
             "parameters": model.num_parameters,
         },
-        "normalization": {
-            "mean": model.metadata.intensity_normalization.mean,
-            "std": model.metadata.intensity_normalization.std,
-        },
+        "normalization": {"method": normalization.method, "offset": offset, "scale": scale},
         "device": params.device,
         "tta": params.tta,
         "batch_size": params.batch_size,
@@ -558,19 +560,19 @@ def _read_planes(plan: dict, z0: int, z1: int, rows: slice, cols: slice) -> np.n
 def target_image(plan: dict, window: Sequence[slice]) -> np.ndarray:
     """The normalised target-grid image of ``window`` (float32), as the predict tasks see it.
 
-    The source voxels are z-scored with the model's mean and standard
-    deviation (float32) and interpolated trilinearly, a few source planes at a
+    The source voxels are normalised with the plan's ``offset`` and ``scale``
+    (float32; :mod:`ps3d_core.intensity`) and interpolated trilinearly, a few source planes at a
     time (:func:`~ps3d_core.inference.geometry.resample_linear_streamed`).
     """
     source_shape, shape = plan["source_shape"], plan["target_shape"]
     box = source_box(source_shape, shape, window)
-    mean = np.float32(plan["normalization"]["mean"])
-    std = np.float32(plan["normalization"]["std"])
+    offset = np.float32(plan["normalization"]["offset"])
+    scale = np.float32(plan["normalization"]["scale"])
 
     def read(z0: int, z1: int) -> np.ndarray:
         planes = _read_planes(plan, z0, z1, box[1], box[2]).astype(np.float32)
-        planes -= mean
-        planes /= std
+        planes -= offset
+        planes /= scale
         return planes
 
     # zarr: slabs as deep as the stored chunks (each decoded about once); other formats read
