@@ -40,7 +40,7 @@ from ps3d_core.intensity import quantile_levels
 from ps3d_core.io.atomic import atomic_output
 from schemas.scan import describe_validation_error
 
-#: Where the default model lives (trained by ``scripts``/the training issue; not shipped yet).
+#: The shipped default model (recipe: ``scripts/train_default_model.py``; see its MODEL_CARD.md).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "ps3d-default"
 
 PLANS_JSON = "plans.json"
@@ -401,8 +401,8 @@ def _existing_folder(folder: str | os.PathLike[str] | None) -> Path:
     if path.resolve() == DEFAULT_MODEL_DIR.resolve():
         raise ScanError(
             path,
-            "the default model folder does not exist: the default model has not been trained yet "
-            "(it is produced by the model-training step); pass a model folder explicitly",
+            "the default model folder is missing (it ships with the project; re-create it with "
+            "scripts/train_default_model.py) or pass a model folder explicitly",
         )
     what = "does not exist" if not path.exists() else "is not a directory"
     raise ScanError(path, f"{what}; expected an nnU-Net model folder with plans.json, dataset.json, {MODEL_JSON}")

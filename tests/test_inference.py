@@ -23,6 +23,7 @@ from scipy.ndimage import map_coordinates
 
 from ps3d_core.bordercore import ChunkGrid, border_core_to_instances
 from ps3d_core.errors import ScanError
+from ps3d_core.intensity import normalize
 from ps3d_core.inference import (
     PatchPredictor,
     SegmentParams,
@@ -348,7 +349,9 @@ def test_pipeline_target_image_is_the_whole_volume_resampling(segmented, scan):
     plan = segmented["plan"]
     synthetic = scan[0]
     norm = plan["normalization"]
-    image = (synthetic.image.astype(np.float32) - np.float32(norm["mean"])) / np.float32(norm["std"])
+    assert norm["method"] == "zscore"  # the tiny model's: offset and scale are its training statistics
+    assert (norm["offset"], norm["scale"]) == load_model(plan["model"]["dir"]).metadata.intensity_normalization.levels(None)
+    image = normalize(synthetic.image, norm["offset"], norm["scale"])
     shape = tuple(plan["target_shape"])
     expected = resample_linear(image, (0, 0, 0), image.shape, shape, tuple(slice(0, n) for n in shape))
     window = (slice(10, 50), slice(0, 71), slice(33, 60))
@@ -617,10 +620,11 @@ def test_output_inside_the_scan_directory_is_refused(tiny_model_dir, scan):
 def test_particle_size_is_estimated_when_scan_json_has_none(tiny_model_dir, scan, tmp_path, monkeypatch):
     """Without particle_size_mm anywhere, ps3d_core.particle_size.estimate_particle_size_mm(volume, spacing) decides.
 
-    The estimator (another module) is replaced by a recorder here: this
-    checks the call and how its answer is used, not the estimate.
+    The estimator (another module, tested in test_particle_size.py) is
+    replaced by a recorder here: this checks the call and how its answer is
+    used, not the estimate.
     """
-    import types
+    from ps3d_core.inference import pipeline
 
     synthetic = scan[0]
     scan_dir = tmp_path / "nosize"
@@ -635,8 +639,7 @@ def test_particle_size_is_estimated_when_scan_json_has_none(tiny_model_dir, scan
         calls.append((volume.shape, spacing_zyx_mm))
         return 0.2
 
-    module = types.SimpleNamespace(estimate_particle_size_mm=estimate_particle_size_mm)
-    monkeypatch.setitem(sys.modules, "ps3d_core.particle_size", module)
+    monkeypatch.setattr(pipeline, "estimate_particle_size_mm", estimate_particle_size_mm)
     plan = load_plan(prepare_plan(scan_dir, tmp_path / "out", _params(tiny_model_dir)))
     assert calls == [((96, 96, 96), synthetic.metadata.spacing_zyx_mm)]
     assert plan["particle_size_mm"] == 0.2 and plan["particle_size_source"] == "estimated"

@@ -293,6 +293,9 @@ def test_training_writes_a_loadable_model_folder(trained):
     assert model.metadata.name == "mini" and model.metadata.version == "0.0.1"
     assert model.metadata.intensity_normalization.method == "quantile"
     assert model.metadata.target_particle_size_voxels == 16 and model.patch_size == (32, 32, 32)
+    # weights shared between nnU-Net's modules are stored once: about 4 bytes per parameter
+    size = (trained / "fold_0" / "checkpoint_final.pth").stat().st_size
+    assert size < 4 * model.num_parameters * 1.2 + 100_000
     record = json.loads((trained / "training.json").read_text())
     assert len(record["history"]["train_losses"]) == 2
     assert record["dataset"]["scans"] == [f"synth-tiny-s77-00{i}" for i in range(3)]

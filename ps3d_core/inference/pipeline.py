@@ -104,6 +104,7 @@ from ps3d_core.io.convert import pyramid_shapes
 from ps3d_core.io.ngff import NGFF_VERSION, multiscales_attributes
 from ps3d_core.io.volumes import Volume, ZarrVolume, is_zarr, open_volume
 from ps3d_core.models import DEFAULT_MODEL_DIR, load_model, model_fingerprint, read_metadata
+from ps3d_core.particle_size import estimate_particle_size_mm
 
 __all__ = [
     "PIPELINE_VERSION",
@@ -315,14 +316,6 @@ def _particle_size(params: SegmentParams, metadata, volume: Volume, spacing, sca
         return float(params.particle_size_mm), "params"
     if metadata is not None and metadata.particle_size_mm is not None:
         return float(metadata.particle_size_mm), "scan.json"
-    try:
-        from ps3d_core.particle_size import estimate_particle_size_mm
-    except ImportError as error:
-        raise ScanError(
-            scan_path,
-            f"has no particle_size_mm and the particle-size estimator is unavailable ({error}); "
-            "pass particle_size_mm",
-        ) from None
     size = float(estimate_particle_size_mm(volume, tuple(spacing)))
     if not (size > 0 and math.isfinite(size)):
         raise ScanError(scan_path, f"particle size estimation failed (got {size}); pass particle_size_mm")

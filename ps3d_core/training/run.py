@@ -20,6 +20,7 @@ duration of the run. nnU-Net starts its preprocessing workers with
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -124,8 +125,13 @@ def _device(name: str):
 
 
 def _weights(network) -> dict:
+    """A CPU copy of the weights that keeps tensors shared between modules shared.
+
+    nnU-Net's conv blocks register each convolution twice (``conv`` and
+    ``all_modules.0``); a per-key clone would store it twice.
+    """
     module = getattr(network, "_orig_mod", network)
-    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+    return copy.deepcopy({key: value.detach().cpu() for key, value in module.state_dict().items()})
 
 
 def train_model(
