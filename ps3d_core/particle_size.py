@@ -121,6 +121,7 @@ MIN_OBJECT_VOXELS = 8
 #: Particles below this equivalent diameter (grid voxels) are not counted.
 MIN_DIAMETER_VOXELS = 6.0
 PREFER_DENSE = True
+MIN_GRID = 0.0
 DENSE_RELATIVE_ATTENUATION = 2.0
 DENSE_MIN_COUNT = 5
 #: Kept objects have a median contrast within this range of the class contrast.
@@ -341,7 +342,7 @@ def radial_profile(values: np.ndarray, radius_bins: np.ndarray, bins: int, min_c
     None when fewer than two bins are populated.
     """
     counts = np.bincount(radius_bins, minlength=bins)
-    medians = _label_quantiles(values, radius_bins, bins - 1, (0.5,))[0][:bins]
+    medians = _label_quantiles(values, radius_bins, bins - 1, (0.5,))[0]
     populated = np.flatnonzero(counts >= min_count)
     if len(populated) < 2:
         return None
@@ -379,6 +380,7 @@ def flatten_background(sample: Sample, smooth: np.ndarray, inner: np.ndarray) ->
     yy, xx = np.ogrid[0:ny, 0:nx]
     radius = np.rint(np.hypot(yy - sample.axis_yx[0], xx - sample.axis_yx[1])).astype(np.int64)
     epoxy = inner & (np.abs(smooth - level) < 4 * noise)
+    epoxy[:, :, 1::2] = False  # every other column: the same profile, half the sorting
     profile = radial_profile(smooth[epoxy], np.broadcast_to(radius, smooth.shape)[epoxy], int(radius.max()) + 1)
     if profile is None:
         return smooth, level, noise
@@ -422,7 +424,7 @@ def particle_diameters(sample: Sample, anisotropy: Sequence[float] = (1.0, 1.0, 
     class_contrast = dominant_contrast(contrast[chosen], counts[chosen].astype(float))
     members = candidate & (contrast >= CLASS_WINDOW[0] * class_contrast) & (contrast <= CLASS_WINDOW[1] * class_contrast)
     diameters = completed_diameters(labels, members, counts, inner, anisotropy)
-    return diameters[diameters >= MIN_DIAMETER_VOXELS]
+    return diameters[diameters >= max(MIN_DIAMETER_VOXELS / sample.factor, MIN_GRID)]
 
 
 def _objects(smooth: np.ndarray, inner: np.ndarray, level: float, noise: float) -> tuple[np.ndarray, int]:
