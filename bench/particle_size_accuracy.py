@@ -99,7 +99,8 @@ def time_large(shape: tuple[int, int, int], seed: int) -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     truth = scan.metadata.particle_size_mm
-    print("| scan (z x y x x, uint16) | scan GB | truth mm | estimate mm | error | seconds | slices read | peak MB allocated |")
+    print("| scan (z x y x x, uint16) | scan GB | truth mm | estimate mm | error | seconds | slices read "
+          "| peak MB allocated |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {'x'.join(map(str, shape))} | {volume.nbytes / 1e9:.1f} | {truth:.3f} | {estimate:.3f} "
@@ -148,7 +149,10 @@ def main() -> None:
                 flush=True,
             )
     print()
-    print(f"| preset | scans | min error | max error | median error | mean abs error | within ±{TOLERANCE:.0%} | estimate s (median / max) |")
+    print(
+        f"| preset | scans | min error | max error | median error | mean abs error | within ±{TOLERANCE:.0%} "
+        "| estimate s (median / max) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for preset, rows in by_preset.items():
         s = summary(rows)

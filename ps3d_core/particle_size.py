@@ -13,17 +13,18 @@ Method
 1. **Sample.** A central box of the volume is read slab by slab and
    block-averaged by an integer factor into a grid of at most
    :data:`SAMPLE_EDGE` voxels per axis; nothing larger than one slab of the
-   scan and this grid is ever in memory. The factor is chosen so that the
-   typical particle spans about :data:`TARGET_DIAMETER_VOXELS` grid voxels:
-   a first, coarse pass (grid edge :data:`COARSE_EDGE`, over at most
-   :data:`COARSE_EXTENT_VOXELS` scan voxels per axis) estimates the size,
-   the second pass measures it at that factor, and is repeated once at a
-   finer factor when it finds particles smaller than the coarse pass could
-   see. Small particles are measured at full resolution, large ones at a
-   coarser one (less noise, more particles in the same number of grid
-   voxels, less time). The region
-   outside the reconstruction circle, which CT software fills with one
-   constant grey value, is recognised by that value and left out.
+   scan (:data:`SLAB_BYTES`) and a few arrays of the grid's size is ever in
+   memory. The factor is chosen so that the typical particle spans about
+   :data:`TARGET_DIAMETER_VOXELS` grid voxels: a coarse first pass (grid
+   edge :data:`COARSE_EDGE`, over at most :data:`COARSE_EXTENT_VOXELS` scan
+   voxels per axis) estimates the size, a second pass measures it at that
+   factor and is repeated once, finer, when it finds particles smaller than
+   the coarse pass could see. Small particles are thus measured at full
+   resolution, large ones on a coarser grid, which averages the noise away,
+   blurs inclusion grains of a few scan voxels below detection, spreads the
+   sample over more particles and takes less time. The region outside the
+   reconstruction circle, which CT software fills with one constant grey
+   value, is recognised by that value and left out.
 2. **Matrix level and noise.** The epoxy is the most frequent grey value:
    the mode of the smoothed grid's histogram; the noise is the half width at
    half maximum of that peak. A radial profile of the epoxy level (median of
@@ -53,9 +54,10 @@ Method
    surface) times the median ratio of diameter to thickness of the class's
    uncut particles. Cut pieces holding under :data:`SLIVER_FRACTION` of
    that completed volume (grazing caps, whose thickness says little about
-   the particle) are left out, as are objects under
-   :data:`MIN_DIAMETER_VOXELS` grid voxels, below which blurred inclusion
-   grains and noise cannot be told from particles.
+   the particle) are left out, as are particles under
+   :data:`MIN_DIAMETER_SCAN_VOXELS` scan voxels or
+   :data:`MIN_DIAMETER_GRID_VOXELS` grid voxels, below which blurred
+   inclusion grains and noise cannot be told from particles.
 6. **Mean** of the kept diameters, converted to mm with the voxel size and
    the sampling factor.
 
@@ -70,14 +72,16 @@ distances in mm, but the smoothing is in voxels).
 
 Known biases
 ------------
-* Particles smaller than :data:`MIN_DIAMETER_VOXELS` grid voxels are not
-  counted: when many particles are that small (a fine population at full
-  resolution) the mean is overestimated.
+* Particles below the size cut (step 5) are not counted: when many
+  particles are that small (a fine population, or a wide one measured on a
+  coarse grid) the mean is overestimated.
 * Fragments that survive the filters (inclusion grains larger than the
-  cut, parts of textured particles) pull the mean down; so do grazing cuts
-  kept as particles and irregular particles split in two.
+  cut, pieces of textured particles that the half-contrast threshold breaks
+  apart) pull the mean down; so do grazing cuts kept as particles.
 * Touching particles of the same class that are not separated count as one
   larger particle.
+* When sugar spacer grains (or another distractor brighter than the epoxy)
+  hold more volume than any particle material, they are what is measured.
 * The sample is the central part of the scan: a mount whose particles
   settled by size along z is measured where the sample lies.
 * On a small volume holding few particles the sample is small: a scan with
@@ -118,12 +122,10 @@ DETECTION_SNR = 5.0
 LOCAL_MAX_RADIUS = 2
 #: Objects of fewer grid voxels are noise.
 MIN_OBJECT_VOXELS = 8
-#: Particles below this equivalent diameter (grid voxels) are not counted.
-MIN_DIAMETER_VOXELS = 6.0
-PREFER_DENSE = True
-MIN_GRID = 0.0
-DENSE_RELATIVE_ATTENUATION = 2.0
-DENSE_MIN_COUNT = 5
+#: Particles below this equivalent diameter in scan voxels are not counted ...
+MIN_DIAMETER_SCAN_VOXELS = 6.0
+#: ... nor those below this one in grid voxels.
+MIN_DIAMETER_GRID_VOXELS = 4.0
 #: Kept objects have a median contrast within this range of the class contrast.
 CLASS_WINDOW = (0.6, 1.7)
 #: Cut particles whose visible volume is below this fraction of the completed one are left out.
@@ -150,9 +152,6 @@ class Sample:
         Scan voxels per grid voxel along each axis.
     axis_yx : (float, float)
         Rotation axis (centre of the scan's slices) in grid coordinates.
-    air_level : float or None
-        Grey value of zero attenuation: the outside-the-field-of-view value,
-        None when the scan has none.
     """
 
     grid: np.ndarray
@@ -160,7 +159,6 @@ class Sample:
     saturated: np.ndarray
     factor: int
     axis_yx: tuple[float, float]
-    air_level: float | None
 
 
 def estimate_particle_size_mm(volume: Volume | np.ndarray, spacing_zyx_mm: Sequence[float] | float) -> float:
@@ -189,7 +187,9 @@ def estimate_particle_size_mm(volume: Volume | np.ndarray, spacing_zyx_mm: Seque
     ------
     ScanError
         No particles can be found (a uniform image, noise only, nothing
-        brighter than the embedding).
+        brighter than the embedding), naming the image.
+    ValueError
+        ``spacing_zyx_mm`` is not 1 or 3 positive finite numbers.
     """
     if not isinstance(volume, Volume):
         array = np.asarray(volume)
@@ -234,7 +234,7 @@ def _spacing(spacing_zyx_mm: Sequence[float] | float) -> tuple[float, float, flo
     values = np.asarray(spacing_zyx_mm, dtype=float)
     values = np.full(3, values) if values.ndim == 0 else values
     if values.shape != (3,) or not (np.isfinite(values).all() and (values > 0).all()):
-        raise ValueError(f"spacing_zyx_mm must be 3 positive finite mm values, got {spacing_zyx_mm!r}")
+        raise ValueError(f"spacing_zyx_mm must be 1 or 3 positive finite mm values, got {spacing_zyx_mm!r}")
     return tuple(float(v) for v in values)
 
 
@@ -297,7 +297,7 @@ def read_sample(volume: Volume, factor: int, edge: int, outside: float | None) -
         if top is not None:
             saturated[at] = _block_any(slab == top, factor)
     axis_yx = tuple(((volume.shape[i] - 1) / 2 - start + 0.5) / factor - 0.5 for i, start in ((1, y0), (2, x0)))
-    return Sample(grid, valid, saturated, factor, axis_yx, outside)
+    return Sample(grid, valid, saturated, factor, axis_yx)
 
 
 def _blocks(array: np.ndarray, factor: int) -> np.ndarray:
@@ -416,15 +416,11 @@ def particle_diameters(sample: Sample, anisotropy: Sequence[float] = (1.0, 1.0, 
     candidate[0] = False
     if not candidate.any():
         return np.empty(0)
-    chosen = candidate
-    if PREFER_DENSE and sample.air_level is not None and level > sample.air_level:
-        dense = candidate & (contrast >= (DENSE_RELATIVE_ATTENUATION - 1.0) * (level - sample.air_level))
-        if (dense & (counts >= math.pi / 6 * MIN_DIAMETER_VOXELS**3)).sum() >= DENSE_MIN_COUNT:
-            chosen = dense
-    class_contrast = dominant_contrast(contrast[chosen], counts[chosen].astype(float))
-    members = candidate & (contrast >= CLASS_WINDOW[0] * class_contrast) & (contrast <= CLASS_WINDOW[1] * class_contrast)
+    class_contrast = dominant_contrast(contrast[candidate], counts[candidate].astype(float))
+    low, high = (bound * class_contrast for bound in CLASS_WINDOW)
+    members = candidate & (contrast >= low) & (contrast <= high)
     diameters = completed_diameters(labels, members, counts, inner, anisotropy)
-    return diameters[diameters >= max(MIN_DIAMETER_VOXELS / sample.factor, MIN_GRID)]
+    return diameters[diameters >= max(MIN_DIAMETER_SCAN_VOXELS / sample.factor, MIN_DIAMETER_GRID_VOXELS)]
 
 
 def _objects(smooth: np.ndarray, inner: np.ndarray, level: float, noise: float) -> tuple[np.ndarray, int]:

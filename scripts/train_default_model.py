@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--time-budget-minutes", type=float, default=None,
                         help="shorten the epochs to finish training within this time (CPU runs)")
+    parser.add_argument("--init", default=None, help="fine-tune from this model folder instead of starting afresh")
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--eval-presets", nargs="*", default=["typical", "hard"])
     parser.add_argument("--eval-samples", type=int, default=4)
@@ -78,6 +79,7 @@ def main() -> None:
         iterations_per_epoch=args.iterations,
         device=args.device,
         time_budget_minutes=args.time_budget_minutes,
+        init_model=args.init,
         training_data=f"{len(cases)} synthetic scans ({mix}; ps3d_core.synth, batch seeds from {TRAIN_SEED})",
     )
     folder = train_model(cases, args.out, config, work_dir=args.work / "nnunet")
