@@ -37,7 +37,7 @@ def _field(name: str, type_: pa.DataType, unit: str, description: str, **extra: 
     return pa.field(name, type_, nullable=name not in ("sample_id", "particle_id"), metadata=metadata)
 
 
-#: (name, Arrow type, unit, description), in table order.
+#: The columns every particle table has, in table order, with their units and definitions.
 _COLUMNS: list[pa.Field] = [
     _field("sample_id", pa.string(), "", "Sample id from scan.json."),
     _field("particle_id", pa.uint32(), "", "Label value of the particle in labels.ome.zarr."),
@@ -118,3 +118,13 @@ def particle_schema(phases: Sequence[str] = ()) -> pa.Schema:
         [*_COLUMNS, *phase_fields],
         metadata={"ps3d.table": "particles", "ps3d.table_version": str(PARTICLE_TABLE_VERSION)},
     )
+
+
+def markdown(phases: Sequence[str] = ("<name>",)) -> str:
+    """The particle table's columns as a Markdown table (unit, definition), for the README."""
+    lines = ["| column | type | unit | definition |", "|---|---|---|---|"]
+    for field in particle_schema(phases):
+        meta = {key.decode(): value.decode() for key, value in (field.metadata or {}).items()}
+        estimator = f" Estimator: {meta['estimator']}." if "estimator" in meta and field.name == "surface_area_mm2" else ""
+        lines.append(f"| `{field.name}` | {field.type} | {meta.get('unit', '')} | {meta.get('description', '')}{estimator} |")
+    return "\n".join(lines)
