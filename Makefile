@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The whole platform on three synthetic samples (feed, concentrate, tailings): Prefect server, Dask cluster,
+# deployments and inbox watcher in ./ps3d-demo, a per-sample SQL summary, clean shutdown; 4-5 min on 2 CPU cores.
 demo: $(STAMP)
-	$(BIN)/ps3d demo
+	$(BIN)/ps3d demo --workdir ps3d-demo
 
 # Headless Chromium and its driver from the OS packages, for the dashboard's browser test (no browser download).
 browser:
@@ -32,4 +34,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/convert_memory.py
 
 clean:
-	rm -rf $(VENV) ps3d-data ps3d-output .pytest_cache
+	rm -rf $(VENV) ps3d-data ps3d-output ps3d-demo .pytest_cache

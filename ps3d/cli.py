@@ -189,42 +189,34 @@ def export(
 @app.command()
 @reports_bad_input
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo writes its scans and images.")] = Path("ps3d-demo"),
-    preset: Annotated[str, typer.Option(help="Synthetic preset of the demo scans.")] = "small",
-    seed: Annotated[int, typer.Option(min=0)] = 0,
+    workdir: Annotated[Path, typer.Option(help="Home of the demo platform (replaced if it holds a previous demo).")] = Path("ps3d-demo"),
+    preset: Annotated[str, typer.Option(help="Synthetic preset of the demo scans (tiny: 96^3 voxels).")] = "tiny",
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the campaign's scans.")] = 1,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder; default the shipped models/ps3d-default.")] = None,
+    segment_options: Annotated[Optional[str], typer.Option(help="JSON of segmentation options, e.g. '{\"device\": \"cuda\"}'.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Workers of the demo's Dask cluster.")] = None,
+    timeout: Annotated[float, typer.Option(min=10.0, help="Give up after this many seconds.")] = 900.0,
 ) -> None:
-    """Run the platform's main job on embedded defaults and say what it did.
+    """Run the whole platform on three synthetic samples of one campaign, print their summary, stop.
 
-    Today: synthesize a feed, its concentrate and its tailings as scan
-    directories in an inbox, validate each, and convert each to OME-Zarr.
+    Starts the platform (`ps3d serve` with its own Prefect server and Dask
+    cluster) in WORKDIR, synthesizes a feed, its concentrate and its tailings,
+    drops them into the inbox, waits while the watcher has them ingested,
+    prints a per-sample summary queried with SQL (particles, D10/D50/D80,
+    sphericity, grade) and how to open the dashboard, then shuts everything down.
     """
-    from ps3d_core import synth as synthesis
-    from ps3d_core.io import convert_to_ome_zarr, open_scan
+    from deployments.demo import DemoConfig, DemoError, run_demo
 
-    inbox, images = workdir / "inbox", workdir / "images"
-    typer.echo(f"1. Synthesizing three '{preset}' scans (feed, concentrate, tailings) into {inbox}/")
-    started = time.perf_counter()
-    scan_dirs = [
-        synthesis.write_synthetic_scan(synthesis.synthesize(preset, seed + index, stream=stream, sample_id=f"demo-{stream}"), inbox)
-        for index, stream in enumerate(("feed", "concentrate", "tailings"))
-    ]
-    typer.echo(f"   done in {time.perf_counter() - started:.1f} s; ground truth in {inbox / '_truth'}/")
-    typer.echo(f"2. Validating and converting each scan to OME-Zarr in {images}/")
-    for scan_dir in scan_dirs:
-        scan = open_scan(scan_dir)
-        truth = json.loads((inbox / "_truth" / f"{scan.metadata.sample_id}_truth.json").read_text())
-        started = time.perf_counter()
-        result = convert_to_ome_zarr(scan, images / f"{scan.metadata.sample_id}.ome.zarr")
-        typer.echo(
-            f"   {scan.metadata.sample_id:<18} {'x'.join(map(str, scan.volume.shape))} voxels, "
-            f"{truth['particle_count']} particles ({truth['touching_count']} touching), "
-            f"mean diameter {scan.metadata.particle_size_mm:.3f} mm -> {result} "
-            f"({time.perf_counter() - started:.1f} s)"
-        )
-    typer.echo(
-        "Open an image in napari (`napari --plugin napari-ome-zarr <image>`), or export it back to TIFF with "
-        "`ps3d export <image> out.tif`. Segmentation, the particle database and the dashboard come with later releases."
-    )
+    if model is not None:
+        from ps3d_core.models import read_metadata
+
+        read_metadata(model)
+    config = DemoConfig(workdir=workdir, preset=preset, seed=seed, model=model, workers=workers, timeout_s=timeout,
+                        segment_options=_parse_segment_options(segment_options) or None)  # fmt: skip
+    try:
+        run_demo(config, echo=typer.echo)
+    except DemoError as error:
+        raise fail(str(error)) from None
 
 
 def default_output_dir(sample_id: str, suffix: str = "") -> Path:
@@ -465,6 +457,45 @@ def segment(
 
 @app.command()
 @reports_bad_input
+def features(
+    labels: Annotated[
+        Path, typer.Argument(help="Particle labels: labels.ome.zarr from `ps3d segment`, or a TIFF/zarr label volume.")
+    ],
+    scan_dir: Annotated[Path, typer.Argument(help="The scan directory (scan.json + image) the labels belong to.")],
+    out: Annotated[Path, typer.Option(help="Output Parquet file, e.g. particles.parquet (written atomically).")],
+    workers: Annotated[
+        Optional[int], typer.Option(min=1, help="Threads measuring the particle crops; default all CPUs.")
+    ] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Run id written into every row; default a new one.")] = None,
+) -> None:
+    """Measure every particle: one Parquet row per label (size, shape, grey values, phase fractions).
+
+    Columns and units: schemas/particles.py. Phases come from scan.json's
+    grey-value ranges, or are found from the histogram and recorded in the
+    file's metadata (ps3d.phases). Prints the output path.
+    """
+    import os
+
+    from ps3d_core.features import extract_features_from_files, new_run_id, write_features_parquet
+
+    run_id = run_id or new_run_id()
+    started = time.perf_counter()
+    with stage_progress() as progress:
+        result = extract_features_from_files(
+            labels, scan_dir, run_id, workers=workers or os.cpu_count() or 1, progress=progress
+        )
+    write_features_parquet(result, out)
+    typer.echo(str(out))
+    phases = ", ".join(f"{name} [{low:g}, {high:g})" for name, (low, high) in result.phases.items()) or "none"
+    typer.secho(
+        f"{result.table.num_rows} particles in {time.perf_counter() - started:.1f} s; run {run_id}; "
+        f"phases ({result.phases_source}): {phases}",
+        err=True,
+    )
+
+
+@app.command()
+@reports_bad_input
 def train(
     scans: Annotated[Path, typer.Option(help="Directory of scan directories (each with scan.json and its image).")],
     labels: Annotated[Path, typer.Option(help="Directory of instance label images: <sample_id>_labels.tif or <sample_id>.tif.")],
@@ -541,3 +572,285 @@ def evaluate_model_command(
             typer.echo(f"{name:28s}{method:13s}" + " ".join(f"{entry[method][k]:14.4f}" for k in METRICS))
     if json_out is not None:
         write_text_atomic(json_out, json.dumps(result, indent=1))
+
+
+HOME_HELP = "Platform home (particle database); default $PS3D_HOME, else ./ps3d-data."
+
+
+def format_text_table(table, max_width: int = 40) -> str:
+    """A pyarrow table as aligned text columns (floats to 6 significant digits)."""
+
+    def cell(value) -> str:
+        if value is None:
+            return "NULL"
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        text = str(value) if not isinstance(value, (dict, list)) else json.dumps(value, default=str)
+        return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+    names = table.column_names
+    rows = [[cell(v) for v in row.values()] for row in table.to_pylist()]
+    widths = [max([len(n), *(len(r[i]) for r in rows)]) for i, n in enumerate(names)]
+    numeric = [str(t).startswith(("int", "uint", "double", "float", "decimal")) for t in table.schema.types]
+
+    def line(values) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(names), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+@app.command()
+@reports_bad_input
+def sql(
+    statement: Annotated[str, typer.Argument(metavar="SQL", help="One SELECT over samples, runs, particles, psd, d_values, size_classes.")],
+    format: Annotated[str, typer.Option("--format", help="table, csv, json (one object per line) or parquet (needs --out).")] = "table",
+    out: Annotated[Optional[Path], typer.Option(help="Write the rows to this file (atomically) instead of stdout.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Most rows returned; 0: no limit.")] = 10_000,
+    timeout: Annotated[float, typer.Option(min=0.0, help="Stop the query after this many seconds; 0: no limit.")] = 30.0,
+    home: Annotated[Optional[Path], typer.Option(help=HOME_HELP)] = None,
+) -> None:
+    """Query the particle database with read-only SQL (no file or network access; row and time limits).
+
+    Tables: samples, runs, schema_version. Views: particles (every particle,
+    all samples), psd (cumulative % passing by number and volume), d_values
+    (D10/D50/D80), size_classes (sqrt(2) series with phase grades).
+    Example: ps3d sql "SELECT * FROM d_values"
+    """
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from ps3d_core import catalog
+    from ps3d_core.io import atomic_output
+
+    formats = ("table", "csv", "json", "parquet")
+    if format not in formats:
+        raise fail(f"--format {format!r}: choose one of {', '.join(formats)}")
+    if format == "parquet" and out is None:
+        raise fail("--format parquet needs --out FILE")
+    result = catalog.query(home, statement, limit=limit or None, timeout_s=timeout or None)
+    table = result.table
+
+    def render() -> str:
+        if format == "table":
+            return format_text_table(table) + "\n"
+        if format == "json":
+            return "".join(json.dumps(row, default=str) + "\n" for row in table.to_pylist())
+        import io
+
+        buffer = io.BytesIO()
+        pacsv.write_csv(table, buffer)
+        return buffer.getvalue().decode()
+
+    if out is not None:
+        with atomic_output(out) as temporary:
+            if format == "parquet":
+                pq.write_table(table, temporary)
+            else:
+                temporary.write_text(render(), encoding="utf-8")
+        typer.echo(str(out))
+    else:
+        typer.echo(render(), nl=False)
+    note = f" (stopped at --limit {limit}; raise it or use 0 for all)" if result.truncated else ""
+    typer.secho(f"{table.num_rows} row(s) in {result.seconds:.2f} s{note}", err=True)
+
+
+@app.command()
+@reports_bad_input
+def dashboard(
+    home: Annotated[Optional[Path], typer.Option(help=HOME_HELP)] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 8501,
+    address: Annotated[str, typer.Option(help="Address to bind: 127.0.0.1 keeps the dashboard on this machine; 0.0.0.0 serves every network, without authentication.")] = "127.0.0.1",
+) -> None:
+    """Serve the Streamlit dashboard on the particle database (read-only): Overview, Size, Shape,
+    Composition, Process, Particle explorer, SQL. Ctrl-C stops it."""
+    import os
+    import sys
+
+    import dashboards
+    from ps3d_core import catalog
+
+    home_path = catalog.resolve_home(home)
+    script = Path(dashboards.__file__).resolve().parent / "app.py"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(script), "--server.address", address, "--server.port", str(port),
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        "--global.developmentMode", "false", "--client.toolbarMode", "minimal",
+    ]  # fmt: skip
+    typer.secho(f"dashboard of {home_path} on http://{address}:{port} (Ctrl-C stops it)", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # replace this process: signals (Ctrl-C, SIGTERM from a service manager) reach Streamlit, nothing is orphaned
+    os.execve(sys.executable, command, {**os.environ, catalog.HOME_ENV: str(home_path)})
+
+
+@app.command()
+@reports_bad_input
+def store(
+    scan_dir: Annotated[Path, typer.Argument(help="The scan directory (or its scan.json) the particles were measured on.")],
+    particles: Annotated[Path, typer.Argument(help="Particle Parquet file written by `ps3d features`.")],
+    segment_json: Annotated[
+        Optional[Path], typer.Option("--segment", help="segment.json of the segmentation: model and particle size used.")
+    ] = None,
+    home: Annotated[Optional[Path], typer.Option(help=HOME_HELP)] = None,
+    lock_timeout: Annotated[float, typer.Option(min=0.0, help="Seconds to wait for another writer.")] = 60.0,
+) -> None:
+    """Register a sample's particles in the particle database (replaces the sample's earlier rows).
+
+    Phases come from the file's metadata (ps3d.phases); the model and the
+    particle size from --segment, else the particle size from scan.json.
+    Prints one JSON line: sample, run, particle count, stored file.
+    """
+    import datetime as dt
+    import socket
+    import uuid
+
+    import duckdb
+    import pyarrow as pa
+
+    from ps3d_core import catalog
+    from ps3d_core.inbox import fingerprint as scan_fingerprint
+    from schemas.scan import load_scan_metadata
+
+    metadata = load_scan_metadata(scan_dir)
+    table, phases, phases_source = catalog.read_particles_file(particles)
+    size_mm, size_source = metadata.particle_size_mm, "scan.json" if metadata.particle_size_mm is not None else None
+    model_name = model_version = None
+    timings = {}
+    if segment_json is not None:
+        try:
+            record = json.loads(segment_json.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise fail(f"{segment_json}: is not valid JSON: {error.msg}") from None
+        model = record.get("model")
+        if isinstance(model, dict):
+            model_name, model_version = model.get("name"), model.get("version")
+        elif record.get("method"):
+            model_name, model_version = record["method"], record.get("version")
+        if record.get("particle_size_mm") is not None:
+            size_mm, size_source = float(record["particle_size_mm"]), record.get("particle_size_source") or size_source
+        timings = {k: float(v) for k, v in (record.get("timings_s") or record.get("seconds") or {}).items()}
+    run_ids = [r for r in set(table.column("run_id").to_pylist()) if r is not None] if "run_id" in table.column_names else []
+    now = dt.datetime.now(dt.timezone.utc)
+    run_id = run_ids[0] if len(run_ids) == 1 else f"store-{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    run = {
+        "run_id": run_id,
+        "sample_id": metadata.sample_id,
+        "status": "succeeded",
+        "started_at": now,
+        "finished_at": now,
+        "parameters": {"command": "ps3d store", "scan": str(scan_dir), "particles": str(particles),
+                       "segment": str(segment_json) if segment_json else None},
+        "timings": timings,
+        "versions": {"ps3d": __version__, "duckdb": duckdb.__version__, "pyarrow": pa.__version__},
+        "host": socket.gethostname(),
+    }  # fmt: skip
+    summary = catalog.store_sample(
+        home, metadata, table, run,
+        phases=phases, phases_source=phases_source,
+        particle_size_mm=size_mm, particle_size_source=size_source,
+        model_name=model_name, model_version=model_version,
+        fingerprint=scan_fingerprint(scan_dir if scan_dir.is_dir() else scan_dir.parent),
+        lock_timeout_s=lock_timeout,
+    )  # fmt: skip
+    typer.echo(json.dumps(summary))
+
+
+def _parse_segment_options(text: Optional[str], option: str = "--segment-options") -> dict:
+    if not text:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise fail(f"{option}: not valid JSON: {error.msg}") from None
+    if not isinstance(options, dict):
+        raise fail(f"{option}: expected a JSON object such as '{{\"device\": \"cuda\"}}'")
+    return options
+
+
+@app.command()
+@reports_bad_input
+def serve(
+    inbox: Annotated[Optional[Path], typer.Option(help="Directory watched for scans; default <home>/inbox.")] = None,
+    home: Annotated[Optional[Path], typer.Option(help=HOME_HELP)] = None,
+    watch: Annotated[bool, typer.Option(help="Run the inbox watcher (--no-watch: only serve the deployments).")] = True,
+    quiet: Annotated[float, typer.Option(min=0.0, help="Seconds a scan without _SCAN_COMPLETE must stay unchanged.")] = 30.0,
+    rescan: Annotated[float, typer.Option(min=0.5, help="Seconds between full rescans of the inbox.")] = 30.0,
+    poll: Annotated[bool, typer.Option(help="Poll the inbox instead of file events (NFS/SMB mounts).")] = False,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder; default $PS3D_MODEL, else the promoted one, else the shipped default.")] = None,
+    segment_options: Annotated[Optional[str], typer.Option(help="JSON of segmentation options, e.g. '{\"device\": \"cuda\"}'.")] = None,
+    ingest_concurrency: Annotated[int, typer.Option(min=1, help="Scans ingested at the same time.")] = 1,
+    retrain_cron: Annotated[str, typer.Option(help="Cron schedule of the retraining (default Sundays 03:00).")] = "0 3 * * 0",
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule, e.g. Europe/Berlin.")] = "UTC",
+    retrain_parameters: Annotated[Optional[str], typer.Option(help="JSON of retrain flow parameters, e.g. '{\"epochs\": 50, \"device\": \"cuda\"}'.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Workers of the local Dask cluster.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port of the local Prefect server; default 4200, else a free one.")] = None,
+    ui: Annotated[bool, typer.Option(help="Serve the Prefect web UI too.")] = False,
+) -> None:
+    """Run the platform: Prefect server, Dask cluster, deployments and the inbox watcher (Ctrl-C stops all).
+
+    Starts a local Prefect server (SQLite under <home>/prefect) unless
+    PREFECT_API_URL points at one, a Dask LocalCluster unless
+    DASK_SCHEDULER_ADDRESS points at a cluster, and serves the deployments
+    ingest-scan/ingest, retrain/weekly, resegment/all and evaluate/current.
+    """
+    import logging
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from deployments.platform import PlatformConfig, run_platform
+    from ps3d_core import catalog
+
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise fail(f"--timezone {timezone!r}: not a known time zone (e.g. UTC, Europe/Berlin)") from None
+    if model is not None:
+        from ps3d_core.models import read_metadata
+
+        read_metadata(model)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    config = PlatformConfig(
+        home=catalog.resolve_home(home), inbox=inbox, watch=watch, quiet_s=quiet, rescan_s=rescan, poll=poll,
+        model_dir=str(model) if model else None, segment_options=_parse_segment_options(segment_options),
+        ingest_concurrency=ingest_concurrency, retrain_cron=retrain_cron, timezone=timezone,
+        retrain_parameters=_parse_segment_options(retrain_parameters, "--retrain-parameters"),
+        dask_workers=workers, port=port, ui=ui,
+    )  # fmt: skip
+    run_platform(config)
+
+
+@app.command()
+@reports_bad_input
+def watch(
+    inbox: Annotated[Optional[Path], typer.Argument(help="Directory watched for scans; default <home>/inbox.")] = None,
+    home: Annotated[Optional[Path], typer.Option(help=HOME_HELP)] = None,
+    quiet: Annotated[float, typer.Option(min=0.0, help="Seconds a scan without _SCAN_COMPLETE must stay unchanged.")] = 30.0,
+    rescan: Annotated[float, typer.Option(min=0.5, help="Seconds between full rescans of the inbox.")] = 30.0,
+    poll: Annotated[bool, typer.Option(help="Poll the inbox instead of file events (NFS/SMB mounts).")] = False,
+    deployment: Annotated[str, typer.Option(help="Deployment each ready scan triggers.")] = "ingest-scan/ingest",
+) -> None:
+    """Watch an inbox and trigger the ingest deployment once per ready scan and content.
+
+    Needs a Prefect server serving the deployment: PREFECT_API_URL, else the
+    one `ps3d serve` runs for this home (<home>/platform.json).
+    """
+    import logging
+    import os
+
+    from deployments.server import api_healthy
+    from ps3d_core import catalog
+
+    home_path = catalog.resolve_home(home)
+    if not os.environ.get("PREFECT_API_URL"):
+        record_path = home_path / "platform.json"
+        url = json.loads(record_path.read_text())["api_url"] if record_path.is_file() else None
+        if not url:
+            raise fail(f"{record_path}: no running `ps3d serve` for this home; start it or set PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+    if not api_healthy(os.environ["PREFECT_API_URL"]):
+        raise fail(f"{os.environ['PREFECT_API_URL']}: the Prefect server does not answer")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from deployments.watcher import watch_inbox_forever
+
+    watch_inbox_forever(inbox or home_path / "inbox", quiet_s=quiet, rescan_s=rescan, poll=poll, deployment=deployment)

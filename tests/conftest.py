@@ -1,8 +1,34 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and a Prefect home of this session's own.
+
+Prefect reads its settings when it is first imported, and keeps task results
+and cache records under ``PREFECT_HOME/storage``: a second pytest session
+sharing ``~/.prefect`` would get cache hits from the first. So, before any
+test module can import prefect, every session gets a fresh temporary
+``PREFECT_HOME`` (removed at exit), and the variables that would point the
+tests at a user's server, cluster, platform home or model are dropped.
+Subprocesses started by tests inherit this environment.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+
 import pytest
+
+if "prefect" in sys.modules:  # pragma: no cover - a plugin imported it before this file ran
+    raise RuntimeError("prefect was imported before tests/conftest.py could isolate PREFECT_HOME")
+
+PREFECT_TEST_HOME = tempfile.mkdtemp(prefix="ps3d-test-prefect-")
+atexit.register(shutil.rmtree, PREFECT_TEST_HOME, ignore_errors=True)
+for _name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH", "PREFECT_RESULTS_LOCAL_STORAGE_PATH",
+              "DASK_SCHEDULER_ADDRESS", "PS3D_HOME", "PS3D_MODEL"):  # fmt: skip
+    os.environ.pop(_name, None)
+os.environ["PREFECT_HOME"] = PREFECT_TEST_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from ps3d.cli import app
 from ps3d_core import catalog
 from ps3d_core.catalog import store as store_module
+from ps3d_core.inbox import fingerprint
 from schemas import catalog as contract
 from schemas.particles import BASE_COLUMNS, particle_schema, phase_column
 from schemas.scan import ScanMetadata
@@ -858,20 +859,6 @@ def test_resolve_home(monkeypatch, tmp_path):
     assert catalog.resolve_home("rel") == tmp_path / "rel"
 
 
-def test_scan_fingerprint_changes_with_content(tmp_path):
-    scan = tmp_path / "scan"
-    scan.mkdir()
-    (scan / "scan.json").write_text("{}")
-    (scan / "scan.tif").write_bytes(b"1234")
-    (scan / ".hidden").write_text("ignored")
-    first = catalog.scan_fingerprint(scan)
-    assert catalog.scan_fingerprint(scan / "scan.json") == first
-    (scan / ".hidden").write_text("changed, still ignored")
-    assert catalog.scan_fingerprint(scan) == first
-    (scan / "scan.tif").write_bytes(b"12345")
-    assert catalog.scan_fingerprint(scan) != first
-
-
 # --------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------
@@ -909,7 +896,7 @@ def test_cli_store_and_sql(tmp_path):
     assert (sample["stream"], sample["phases_source"], sample["model_name"], sample["model_version"]) == (
         "tailings", "auto", "ps3d-default", "1.1.0")  # fmt: skip
     assert (sample["particle_size_mm"], sample["particle_size_source"]) == (0.09, "estimated")
-    assert sample["fingerprint"] == catalog.scan_fingerprint(scan)
+    assert sample["fingerprint"] == fingerprint(scan)
     assert json.loads(rows(home, "SELECT timings FROM runs")[0]["timings"]) == {"predict": 12.5}
 
     result = runner.invoke(app, ["sql", "SELECT particle_id, esd_mm FROM particles ORDER BY particle_id",

@@ -23,7 +23,6 @@ from ps3d_core.catalog._common import (
     QueryTimeout,
     particles_file,
     resolve_home,
-    scan_fingerprint,
 )
 from ps3d_core.catalog.query import (
     DEFAULT_LIMIT,
@@ -65,7 +64,6 @@ __all__ = [
     "read_particles_file",
     "record_run",
     "resolve_home",
-    "scan_fingerprint",
     "store_sample",
     "validate_particle_table",
     "volume_d_values",

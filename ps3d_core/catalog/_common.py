@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -153,25 +152,3 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink(missing_ok=True)
-
-
-def scan_fingerprint(scan_dir: str | os.PathLike[str]) -> str:
-    """Fingerprint of a scan directory's content: SHA-256 of (relative path, size, mtime_ns) of every file.
-
-    Hidden files and directories are skipped. A file that is rewritten gets a
-    new mtime, so the fingerprint changes without reading gigabytes of image.
-    """
-    root = Path(scan_dir)
-    if root.is_file():
-        root = root.parent
-    lines = []
-    for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            path = os.path.join(directory, name)
-            stat = os.stat(path)
-            lines.append(f"{os.path.relpath(path, root)}|{stat.st_size}|{stat.st_mtime_ns}")
-    digest = hashlib.sha256("\n".join(sorted(lines)).encode())
-    return digest.hexdigest()[:32]

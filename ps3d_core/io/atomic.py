@@ -52,12 +52,26 @@ def atomic_output(target: str | os.PathLike[str]) -> Iterator[Path]:
     if not temporary.exists():
         raise FileNotFoundError(f"{temporary}: nothing was written for {target}")
     if target.is_dir() and not target.is_symlink():
-        aside = target.with_name(f".{target.name}.replaced-{token}")
-        os.replace(target, aside)
-        os.replace(temporary, target)
-        shutil.rmtree(aside, ignore_errors=True)
+        replace_directory(temporary, target)
     else:
         os.replace(temporary, target)
+
+
+def replace_directory(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Move directory ``source`` onto ``target`` on the same file system, replacing an existing one.
+
+    The old ``target`` is renamed aside first and deleted only after
+    ``source`` took its place, so ``target`` is never half of either.
+    """
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        aside = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
+        os.replace(target, aside)
+        os.replace(source, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(source, target)
 
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
