@@ -54,7 +54,7 @@ def test_default_model_is_used_when_no_model_is_given(segmented):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped model was trained for 87 min on 2 CPU cores and does not yet beat ThreshWater "
+    reason="the shipped model was trained for about 3 hours on 2 CPU cores and does not yet beat ThreshWater "
     "(MODEL_CARD.md); it needs the GPU training run of scripts/train_default_model.py",
 )
 def test_default_model_beats_threshwater_on_a_held_out_scan(segmented):
