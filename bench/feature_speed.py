@@ -282,7 +282,7 @@ def parallel(size: int, cell: int, workers: int) -> list[dict]:
     lv, iv = ArrayVolume(labels, "labels", None), ArrayVolume(image, "image", None)
     stats = stream_stats(lv, iv, [], default_slab_depth(labels.shape))
     rows = []
-    for mode, n in (("serial", 1), ("process", workers), ("thread", workers), ("process", workers), ("serial", 1)):
+    for mode, n in (("serial", 1), ("process", workers), ("thread", workers), ("process", workers), ("thread", workers)):
         load = os.getloadavg()[0]
         cpu, children = time.process_time(), children_cpu_seconds()
         seconds, _ = best_of(1, lambda: measure_crops(lv, iv, stats, SPACING, None, default_slab_depth(labels.shape),

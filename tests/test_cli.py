@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 import tifffile
 import zarr
 from typer.testing import CliRunner
@@ -17,7 +18,8 @@ from ps3d.cli import app
 from ps3d_core.io import open_ome_zarr, read_image, write_tiff
 
 runner = CliRunner()
-COMMANDS = ["synth", "validate", "convert", "export", "demo", "evaluate", "baseline", "split", "border-core", "instances"]
+#: Every registered command, so a new one cannot miss its help test.
+COMMANDS = sorted(typer.main.get_command(app).commands)
 
 
 def make_scan(scan_dir: Path, volume: np.ndarray | None = None, **fields) -> Path:

@@ -57,9 +57,10 @@ synthetic scans, the densest phase's share of all particle voxels came out
 0.9 to 2.5 times the truth (a minor accessory phase 4.7 times): a
 threshold is a coarse phase model for small inclusions.
 
-Parallel pass 2 with ``parallel="process"`` starts workers with the
-``spawn`` method, so a script calling :func:`extract_features` with
-``workers > 1`` needs the usual ``if __name__ == "__main__":`` guard.
+Pass 2 runs ``workers`` threads by default (measured fastest on the
+2-core machine, BENCHMARKS.md); ``parallel="process"`` starts processes
+with the ``spawn`` method instead, and a script doing so needs the usual
+``if __name__ == "__main__":`` guard.
 """
 
 from ps3d_core.features.extract import (

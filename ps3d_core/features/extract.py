@@ -542,13 +542,15 @@ def extract_features(
     workers : int
         Parallel workers for pass 2 (1: in this process).
     parallel : {"thread", "process"}
-        Pass 2 workers as threads (default) or processes. On the 2-core
-        machine of BENCHMARKS.md, shared with other jobs, threads were the
-        fastest (processes paid a third more CPU for starting interpreters
-        and pickling crops, and the session's CPU share, not the core
-        count, was the limit). On an idle machine with more cores,
-        processes should scale further, since threads share the GIL:
-        measure with ``bench/feature_speed.py parallel``.
+        Pass 2 workers as threads (default) or processes. On the shared
+        2-core machine of BENCHMARKS.md threads were the fastest (13,824
+        particles: 35-40 s against 46-53 s with processes and 46 s
+        serial): processes pay interpreter start-up and more CPU, and the
+        session's CPU share, not the core count, was the limit. On an idle
+        machine with more cores, processes should scale further, since
+        threads share the GIL: measure with ``bench/feature_speed.py
+        parallel``. Processes are started with ``spawn``: a script using
+        them needs the ``if __name__ == "__main__":`` guard.
     outside_value : float, "auto" or None
         Grey value outside the cylindrical field of view; "auto" detects it
         (:func:`ps3d_core.particle_size.outside_value`), None assumes no
