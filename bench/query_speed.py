@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ps3d_core import catalog  # noqa: E402
-from schemas.particles import particle_schema, phase_column  # noqa: E402
+from ps3d_core.synth.particle_tables import random_particle_table  # noqa: E402
 from schemas.scan import ScanMetadata  # noqa: E402
 
 SPACING_MM = 0.01
@@ -49,50 +49,12 @@ RANGES = {"ore": (20000.0, 65535.0), "gangue": (5000.0, 20000.0), "pyrite": (300
 
 
 def particles(sample_id: str, n: int, phases: tuple[str, ...], seed: int) -> pa.Table:
-    """A valid particle table with plausible values (float columns of realistic precision)."""
-    rng = np.random.default_rng(seed)
-    diameters = rng.lognormal(np.log(rng.uniform(12, 30)), 0.45, n)
-    voxel_count = np.maximum(1, np.round(np.pi / 6 * diameters**3)).astype(np.int64)
-    volume = voxel_count * SPACING_MM**3
-    esd = np.cbrt(6 * volume / np.pi)
-    corner = rng.integers(0, 2000, (n, 3)).astype(np.int32)
-    extent = (np.ceil(diameters) + 1).astype(np.int32)
-    axes = np.sort(rng.uniform(0.6, 1.4, (n, 3)) * esd[:, None], axis=1)[:, ::-1]
-    grey = np.round(rng.normal(20000, 3000, (n, 7)))
-    fractions = rng.dirichlet(np.ones(len(phases) + 1), n)
-    values = {
-        "sample_id": [sample_id] * n,
-        "particle_id": np.arange(1, n + 1, dtype=np.uint32),
-        "run_id": [f"bench-{sample_id}"] * n,
-        "voxel_count": voxel_count,
-        "volume_mm3": volume,
-        "esd_mm": esd,
-        **{f"bbox_{a}0": corner[:, i] for i, a in enumerate("zyx")},
-        **{f"bbox_{a}1": corner[:, i] + extent for i, a in enumerate("zyx")},
-        **{f"centroid_{a}_mm": (corner[:, i] + extent / 2) * SPACING_MM for i, a in enumerate("zyx")},
-        "surface_area_mm2": np.pi * esd**2 * rng.uniform(1.0, 1.4, n),
-        "sphericity": rng.uniform(0.6, 1.0, n),
-        "axis_major_mm": axes[:, 0],
-        "axis_intermediate_mm": axes[:, 1],
-        "axis_minor_mm": axes[:, 2],
-        "elongation": axes[:, 1] / axes[:, 0],
-        "flatness": axes[:, 2] / axes[:, 1],
-        "feret_max_mm": axes[:, 0] * 1.05,
-        "feret_min_mm": axes[:, 2] * 0.95,
-        "solidity": rng.uniform(0.7, 1.0, n),
-        "extent": rng.uniform(0.3, 0.7, n),
-        "intensity_mean": grey[:, 0],
-        "intensity_std": np.abs(grey[:, 1]) / 10,
-        "intensity_min": grey[:, 2] - 9000,
-        "intensity_max": grey[:, 3] + 9000,
-        "intensity_p10": grey[:, 4] - 3000,
-        "intensity_p50": grey[:, 5],
-        "intensity_p90": grey[:, 6] + 3000,
-        "touches_border": rng.random(n) < 0.08,
-        **{phase_column(name): fractions[:, i] for i, name in enumerate(phases)},
-    }
-    schema = particle_schema(list(phases))
-    return pa.table([pa.array(values[f.name], f.type) for f in schema], schema=schema)
+    """A valid particle table with plausible values; each sample its own median size."""
+    median = np.random.default_rng(seed).uniform(12, 30)
+    return random_particle_table(
+        sample_id, n, phases, seed=seed, spacing_mm=SPACING_MM, median_diameter_voxels=median, sigma_ln=0.45,
+        border_share=0.08, run_id=f"bench-{sample_id}",
+    )
 
 
 def store(home: Path, index: int, rows: int, seed: int) -> float:

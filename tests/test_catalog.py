@@ -29,6 +29,7 @@ from ps3d.cli import app
 from ps3d_core import catalog
 from ps3d_core.catalog import store as store_module
 from ps3d_core.inbox import fingerprint
+from ps3d_core.synth.particle_tables import random_particle_table
 from schemas import catalog as contract
 from schemas.particles import BASE_COLUMNS, particle_schema, phase_column
 from schemas.scan import ScanMetadata
@@ -46,49 +47,10 @@ PHASE_RANGES = {"ore": (20000.0, 65535.0), "gangue": (5000.0, 20000.0), "pyrite"
 
 def make_particles(sample_id: str, n: int, phases=(), seed: int = 0, run_id: str | None = None) -> pa.Table:
     """A valid particle table of ``n`` particles with seeded random but physically consistent values."""
-    rng = np.random.default_rng(seed)
-    diameters_voxels = rng.lognormal(np.log(8.0), 0.5, n)
-    voxel_count = np.maximum(1, np.round(np.pi / 6 * diameters_voxels**3)).astype(np.int64)
-    volume = voxel_count * SPACING_MM**3
-    esd = np.cbrt(6 * volume / np.pi)
-    fractions = rng.dirichlet(np.ones(len(phases) + 1), n) if phases else np.zeros((n, 0))
-    corner = rng.integers(0, 400, (n, 3)).astype(np.int32)
-    extent = np.ceil(diameters_voxels).astype(np.int32)[:, None] + 1
-    axes = np.sort(rng.uniform(0.5, 1.5, (n, 3)) * esd[:, None], axis=1)[:, ::-1]
-    grey = rng.normal(20000, 3000, (n, 7))
-    values = {
-        "sample_id": pa.array([sample_id] * n, pa.string()),
-        "particle_id": pa.array(rng.permutation(np.arange(1, n + 1)).astype(np.uint32)),
-        "run_id": pa.array([run_id] * n, pa.string()),
-        "voxel_count": voxel_count,
-        "volume_mm3": volume,
-        "esd_mm": esd,
-        **{f"bbox_{a}0": corner[:, i] for i, a in enumerate("zyx")},
-        **{f"bbox_{a}1": corner[:, i] + extent[:, 0] for i, a in enumerate("zyx")},
-        **{f"centroid_{a}_mm": (corner[:, i] + extent[:, 0] / 2) * SPACING_MM for i, a in enumerate("zyx")},
-        "surface_area_mm2": np.pi * esd**2 * rng.uniform(1.0, 1.5, n),
-        "sphericity": rng.uniform(0.6, 1.0, n),
-        "axis_major_mm": axes[:, 0],
-        "axis_intermediate_mm": axes[:, 1],
-        "axis_minor_mm": axes[:, 2],
-        "elongation": axes[:, 1] / axes[:, 0],
-        "flatness": axes[:, 2] / axes[:, 1],
-        "feret_max_mm": axes[:, 0] * 1.05,
-        "feret_min_mm": axes[:, 2] * 0.95,
-        "solidity": rng.uniform(0.7, 1.0, n),
-        "extent": rng.uniform(0.3, 0.7, n),
-        "intensity_mean": grey[:, 0],
-        "intensity_std": np.abs(grey[:, 1]) / 10,
-        "intensity_min": grey[:, 2] - 9000,
-        "intensity_max": grey[:, 3] + 9000,
-        "intensity_p10": grey[:, 4] - 3000,
-        "intensity_p50": grey[:, 5],
-        "intensity_p90": grey[:, 6] + 3000,
-        "touches_border": rng.random(n) < 0.15,
-        **{phase_column(name): fractions[:, i] for i, name in enumerate(phases)},
-    }
-    schema = particle_schema(list(phases))
-    return pa.table([pa.array(values[f.name], f.type) for f in schema], schema=schema)
+    return random_particle_table(
+        sample_id, n, phases, seed=seed, spacing_mm=SPACING_MM, border_share=0.15,
+        run_id=run_id, shuffle_ids=True,
+    )  # fmt: skip
 
 
 def make_metadata(sample_id: str, phases=(), **fields) -> ScanMetadata:
