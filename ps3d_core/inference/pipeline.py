@@ -99,7 +99,7 @@ from ps3d_core.inference.geometry import (
     target_shape,
     zoom_factors,
 )
-from ps3d_core.io.atomic import write_text_atomic
+from ps3d_core.io.atomic import replace_directory, write_text_atomic
 from ps3d_core.io.convert import pyramid_shapes
 from ps3d_core.io.ngff import NGFF_VERSION, multiscales_attributes
 from ps3d_core.io.volumes import Volume, ZarrVolume, is_zarr, open_volume
@@ -1029,13 +1029,7 @@ def _move_output(work: Path, out_dir: Path) -> Path:
     source = work / LABELS_NAME
     if not source.exists():
         return target  # moved by an earlier, interrupted run
-    if target.exists():
-        aside = out_dir / f".{LABELS_NAME}.replaced-{uuid.uuid4().hex[:8]}"
-        os.replace(target, aside)
-        os.replace(source, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(source, target)
+    replace_directory(source, target)
     return target
 
 
