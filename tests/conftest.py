@@ -37,3 +37,35 @@ def tiny_model_dir(tmp_path_factory):
     from tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "ps3d-tiny")
+
+
+# one Prefect server and one Dask LocalCluster per session, for the tests that run the platform (tests/harness.py)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    from deployments.server import start_prefect_server
+
+    server = start_prefect_server(tmp_path_factory.mktemp("prefect-server"), timeout_s=180)
+    yield server.api_url
+    server.stop()
+    assert server.process.poll() is not None
+
+
+@pytest.fixture(scope="session")
+def dask_address():
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None, env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    yield cluster.scheduler_address
+    cluster.close()
+
+
+
+@pytest.fixture
+def platform_env(prefect_api, dask_address, tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DASK_", "PS3D_"))}
+    env |= {"PREFECT_API_URL": prefect_api, "DASK_SCHEDULER_ADDRESS": dask_address,
+            "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-client")), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    return env
