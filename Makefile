@@ -27,6 +27,8 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -m "not slow" -q
 
+# The long tests (the demo, the default model on real-size particles, the soak, the slowest fault tests); CI runs
+# them after `make test`.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
 

@@ -8,6 +8,8 @@ paths.
 A *safe* connection (``connect_readonly(home)``, used by :func:`query` and
 ``ps3d sql``) is then locked down before any analyst SQL runs:
 
+- no temporary directory (queries do not spill to disk: DuckDB would allow
+  reading its temporary directory, ``.tmp/`` of the working directory);
 - ``allowed_directories`` = the home's ``particles/`` directory and
   ``enable_external_access = false``: no other file, no network, no ATTACH,
   no COPY TO, no extension install or load; the views still read the Parquet
@@ -129,6 +131,9 @@ def connect_readonly(home: str | os.PathLike[str] | None = None, *, safe: bool =
         try:
             folder = particles_dir(home)
             if safe:
+                # no spilling: DuckDB adds its temp directory (``.tmp/`` of the working directory) to the
+                # allowed ones, which would let SQL read whatever lies there
+                connection.execute("SET temp_directory = ''")
                 connection.execute(f"SET allowed_directories = [{_quote(str(folder) + os.sep)}]")
                 connection.execute("SET enable_external_access = false")
                 connection.execute("SET autoinstall_known_extensions = false")
