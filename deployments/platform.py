@@ -12,6 +12,13 @@
    (:mod:`deployments.catchup`).
 4. The inbox watcher (:mod:`deployments.watcher`).
 
+The Prefect server may go away while the platform runs (restarted,
+upgraded, its machine rebooted). The runner gives up after a few failed
+polls; the platform then waits until the server answers and serves the
+deployments with a new runner (:class:`RunnerSupervisor`), and the watcher
+submits what arrived meanwhile on its next pass. Nothing needs a restart of
+``ps3d serve``.
+
 Shutdown stops the watcher and the runner (which cancels flow runs in
 progress: the watcher resubmits them on the next start), closes the cluster
 and stops the server child, in that order, whatever ended the platform.
@@ -36,7 +43,14 @@ from pathlib import Path
 from typing import Any
 
 from deployments.cluster import SCHEDULER_ADDRESS_ENV
-from deployments.server import DEFAULT_PORT, PREFECT_DIR, PrefectServer, api_healthy, port_in_use, start_prefect_server
+from deployments.server import (
+    DEFAULT_PORT,
+    PREFECT_DIR,
+    PrefectServer,
+    api_healthy,
+    port_in_use,
+    start_prefect_server,
+)
 
 logger = logging.getLogger("ps3d.platform")
 
@@ -82,6 +96,8 @@ def prepare_environment(config: PlatformConfig) -> None:
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(max(1, int(config.runner_poll_s))))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # a runner unable to observe cancellations (its server went away) stops, and RunnerSupervisor replaces it
+    os.environ.setdefault("PREFECT_RUNNER_CRASH_ON_CANCELLATION_FAILURE", "true")
     if config.model_dir:
         os.environ["PS3D_MODEL"] = str(Path(config.model_dir).absolute())
 
@@ -176,17 +192,112 @@ def write_platform_json(config: PlatformConfig, extra: dict[str, Any]) -> Path:
     return write_text_atomic(config.home / PLATFORM_JSON, json.dumps(record, indent=2) + "\n")
 
 
+async def wait_for_api(stop: asyncio.Event, period_s: float = 1.0) -> bool:
+    """Wait until the Prefect API answers (True) or ``stop`` is set (False)."""
+    url = os.environ.get("PREFECT_API_URL", "")
+    while not stop.is_set():
+        if await asyncio.to_thread(api_healthy, url):
+            return True
+        try:
+            await asyncio.wait_for(stop.wait(), period_s)
+        except TimeoutError:
+            pass
+    return False
+
+
+@dataclass
+class RunnerSupervisor:
+    """Serves the deployments with a Prefect ``Runner``, and with a new one when it broke.
+
+    A server that goes away breaks a runner in one of two ways: its poll for
+    scheduled runs fails a few times in a row and ``start`` raises (``Service
+    exceeded error threshold``), or its cancellation observer fails the same
+    way; with ``PREFECT_RUNNER_CRASH_ON_CANCELLATION_FAILURE`` (set by
+    :func:`prepare_environment`) the runner then stops submitting runs and
+    flags itself ``stopping`` instead of going on unable to cancel a run. Either
+    way :meth:`run` waits until the server answers again, stops that runner
+    (it cancels the flow runs it still holds: the watcher submits them again)
+    and starts a new one, registering the deployments again. A runner stopped
+    on purpose (SIGTERM, :meth:`stop`) ends :meth:`run`.
+    """
+
+    deployments: list
+    limit: int
+    runner: Any = None
+    restarts: int = 0
+    #: The current runner's ``start()``; :meth:`stop` waits for it.
+    serving: asyncio.Task | None = None
+
+    async def register(self) -> None:
+        """A new runner with the deployments registered with the server (not polling yet)."""
+        from prefect.runner import Runner
+
+        self.runner = Runner(name=f"ps3d-{os.getpid()}", pause_on_shutdown=False, limit=self.limit)
+        for deployment in self.deployments:
+            await self.runner.add_deployment(deployment)
+
+    async def _serve_once(self, stop: asyncio.Event) -> bool:
+        """Serve with the current runner until it ends; True when it broke and must be replaced."""
+        runner = self.runner
+        serving = self.serving = asyncio.create_task(runner.start())
+        while not serving.done():
+            await asyncio.wait({serving}, timeout=1.0)
+            # stopping while started, and not told to: it gave up (a SIGTERM also sets ``stop``)
+            if runner.stopping and runner.started and not stop.is_set() and not serving.done():
+                logger.warning("the runner stopped submitting runs (its server connection failed); replacing it "
+                               "when the Prefect server answers")  # fmt: skip
+                if not await wait_for_api(stop):
+                    break
+                await runner.astop()
+                await asyncio.gather(serving, return_exceptions=True)
+                return True
+        await serving  # raises the runner's error
+        return False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until a runner ends on purpose or ``stop`` is set (:meth:`register` first)."""
+        while True:
+            try:
+                if self.runner is None:
+                    await self.register()
+                if not await self._serve_once(stop):
+                    return
+            except Exception as error:  # noqa: BLE001 - the server went away: serve again when it is back
+                if stop.is_set():
+                    return
+                logger.warning("the runner stopped (%s: %s); serving the deployments again when the Prefect "
+                               "server answers", type(error).__name__, error)  # fmt: skip
+            self.runner = None
+            if not await wait_for_api(stop):
+                return
+            self.restarts += 1
+            logger.info("Prefect server back: starting runner %d", self.restarts + 1)
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the current runner and wait until it has cancelled the flow runs in progress.
+
+        A SIGTERM reaches the runner's own handler too, which starts the same
+        stop in the background; either way ``start()`` returns only once the
+        runs are cancelled (their state set, their processes ended). Leaving
+        before that lost the cancellation when the event loop closed: the run
+        stayed RUNNING on the server with its process gone, holding the
+        deployment's concurrency slot, and the watcher never submitted the
+        scan again.
+        """
+        if self.runner is not None and self.runner.started:
+            await asyncio.wait_for(self.runner.astop(), timeout_s)
+        if self.serving is not None:
+            await asyncio.wait({self.serving}, timeout=timeout_s)
+
+
 async def serve_platform(config: PlatformConfig) -> None:
     """Serve the deployments and run the watcher until SIGINT/SIGTERM (environment already prepared)."""
-    from prefect.runner import Runner
-
     from deployments.catchup import catch_up_retrain
     from deployments.watcher import InboxWatcher
 
     deployments = await build_deployments(config)
-    runner = Runner(name=f"ps3d-{os.getpid()}", pause_on_shutdown=False, limit=config.runner_limit)
-    for deployment in deployments:
-        await runner.add_deployment(deployment)
+    supervisor = RunnerSupervisor(deployments, config.runner_limit)
+    await supervisor.register()  # before the catch-up: it starts a run of the registered retrain deployment
     if config.catch_up:
         try:
             await catch_up_retrain(config.home, config.retrain_cron, config.timezone)
@@ -196,7 +307,7 @@ async def serve_platform(config: PlatformConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    tasks = {asyncio.create_task(runner.start(), name="runner"), asyncio.create_task(stop.wait(), name="stop")}
+    tasks = {asyncio.create_task(supervisor.run(stop), name="runner"), asyncio.create_task(stop.wait(), name="stop")}
     if config.watch:
         watcher = InboxWatcher(config.inbox, quiet_s=config.quiet_s, tick_s=config.tick_s,
                                rescan_s=config.rescan_s, poll=config.poll)  # fmt: skip
@@ -213,11 +324,10 @@ async def serve_platform(config: PlatformConfig) -> None:
     finally:
         stop.set()
         logger.info("shutting down")
-        if runner.started:
-            try:
-                await asyncio.wait_for(runner.astop(), 30)
-            except Exception as error:  # noqa: BLE001
-                logger.warning("runner stop: %s", error)
+        try:
+            await supervisor.stop()
+        except Exception as error:  # noqa: BLE001
+            logger.warning("runner stop: %s", error)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -19,6 +19,14 @@ which is deterministic too. The ingest flow's
 ledger (the catalog) is the final guard: its check makes a repeated run a
 no-op even after the server forgot old runs. The watcher itself never opens
 the database.
+
+A run may also stop while the watcher runs: its process killed (the runner
+marks it crashed) or cancelled. So the watcher keeps the flow run of each
+scan it submitted, and on every full rescan it asks the server for the
+state of those not yet final; a scan whose run crashed or was cancelled is
+submitted again at once (the ``after-<run id>`` key above), without waiting
+for a restart. A server that does not answer (restarting) delays this to the
+next rescan.
 """
 
 from __future__ import annotations
@@ -39,12 +47,29 @@ INGEST_DEPLOYMENT = "ingest-scan/ingest"
 #: stopped or crashed runs, and failed ones (a failed scan leaves the inbox for the quarantine, so
 #: seeing it again means an operator put it back).
 RETRY_STATES = ("CANCELLED", "CRASHED", "FAILED")
+#: States of a run submitted by this watcher after which the scan is submitted again while it is still in the
+#: inbox: the run stopped without an outcome. A failed run is not resubmitted: it quarantined the scan, or
+#: failed for a reason a retry would meet again (a full disk: the operator moves the scan back).
+STOPPED_STATES = ("CANCELLED", "CRASHED")
+#: States after which a run's state cannot change any more.
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 
 logger = logging.getLogger("ps3d.watcher")
 
 
 def idempotency_key(scan_name: str, fingerprint: str) -> str:
     return f"ingest:{scan_name}:{fingerprint}"
+
+
+async def flow_run_state(flow_run_id: str) -> str | None:
+    """The state type of a flow run (RUNNING, CRASHED, ...); None for a run without state."""
+    from uuid import UUID
+
+    from prefect import get_client
+
+    async with get_client() as client:
+        run = await client.read_flow_run(UUID(flow_run_id))
+    return run.state.type.value if run.state is not None else None
 
 
 @dataclass
@@ -105,6 +130,8 @@ class InboxWatcher:
         Poll the file system instead of using inotify (network file systems).
     submit : async callable(scan, fingerprint) -> Submission, optional
         Default :func:`submit_ingest` with ``deployment`` and ``parameters``.
+    state_of : async callable(flow_run_id) -> state type, optional
+        Default :func:`flow_run_state` (the Prefect server's).
     """
 
     inbox: Path
@@ -115,7 +142,10 @@ class InboxWatcher:
     deployment: str = INGEST_DEPLOYMENT
     parameters: dict[str, Any] = field(default_factory=dict)
     submit: Callable[[Path, str], Awaitable[Submission]] | None = None
+    state_of: Callable[[str], Awaitable[str | None]] = flow_run_state
     submitted: dict[str, str] = field(default_factory=dict)
+    #: Scan name -> its latest flow run while that run is not final.
+    running: dict[str, str] = field(default_factory=dict)
     submissions: list[Submission] = field(default_factory=list)
     _refused: set[str] = field(default_factory=set)
     _last_full: float = 0.0
@@ -128,6 +158,21 @@ class InboxWatcher:
         if self.submit is not None:
             return await self.submit(scan, fingerprint)
         return await submit_ingest(scan, fingerprint, deployment=self.deployment, parameters=self.parameters)
+
+    async def _resubmit_stopped(self) -> None:
+        """Forget the submission of scans whose run crashed or was cancelled, so that this pass submits them again."""
+        for name, flow_run_id in list(self.running.items()):
+            try:
+                state = await self.state_of(flow_run_id)
+            except Exception as error:  # noqa: BLE001 - the server may be restarting: ask again next rescan
+                logger.warning("could not read the state of flow run %s of %s (%s: %s)", flow_run_id, name,
+                               type(error).__name__, error)  # fmt: skip
+                return
+            if state in FINAL_STATES:
+                self.running.pop(name)
+            if state in STOPPED_STATES:
+                self.submitted.pop(name, None)
+                logger.warning("%s: flow run %s is %s; submitting the scan again", name, flow_run_id, state)
 
     def _touched(self, changes: set[tuple[Any, str]]) -> set[str]:
         names = set()
@@ -151,7 +196,10 @@ class InboxWatcher:
         for name in list(self.submitted):
             if name not in present:  # moved away (quarantined) or deleted: forget it
                 self.submitted.pop(name)
+                self.running.pop(name, None)
                 self.tracker.forget(self.inbox / name)
+        if full:
+            await self._resubmit_stopped()
         done: list[Submission] = []
         for scan in listing.scans:
             if not full and scan.name in self.submitted and scan.name not in (touched or set()):
@@ -171,6 +219,7 @@ class InboxWatcher:
                                scan.name, type(error).__name__, error)  # fmt: skip
                 continue
             self.submitted[scan.name] = state.fingerprint
+            self.running[scan.name] = submission.flow_run_id
             self.submissions.append(submission)
             done.append(submission)
             logger.info("%s ready (%s): %s flow run %s (%s)", scan.name, state.reason,

@@ -3,31 +3,49 @@
 ``ingest_scan(scan_path)`` runs, as Prefect tasks that pass paths:
 
 1. **validate** (flow process): ``scan.json`` and one readable image;
-2. **ledger**: a sample already stored with the same content fingerprint and
+2. **claim**: a ``sample_id`` belongs to one scan directory
+   (:mod:`ps3d_core.claims`): a sample already stored from another directory
+   (its archive's ``source.json``) belongs to that one; otherwise, among the
+   inbox's directories claiming the id, the one whose name sorts first wins,
+   whatever the order they arrived or ran in. A losing scan fails here and is
+   quarantined with the winner's name; the sample's row is not touched (it is
+   the winner's). The ``resegment`` flow (the archive) and ``force`` skip this;
+3. **ledger**: a sample already stored with the same content fingerprint and
    model version is not ingested again (the flow returns ``skipped``); the
    ledger is the catalog's ``samples`` row (status, fingerprint,
    model_version), read from its snapshot;
-3. **convert** and **segment** (Dask, concurrently): the OME-Zarr image and
+4. **record**: the run is recorded as ``running`` with its process (host,
+   pid, start time, flow run id). Earlier ``running`` runs of the sample whose
+   process is gone (killed; the runner marked their flow run crashed) are
+   marked ``interrupted``;
+5. **convert** and **segment** (Dask, concurrently): the OME-Zarr image and
    the particle labels, written into a work directory
    ``<home>/work/<sample>-<fingerprint>/`` (a re-run of the same content
-   resumes the segmentation there);
-4. **features** (Dask): the particle Parquet file;
-5. **store** (flow process, the only writer of the catalog): the particles
+   resumes the segmentation there: its finished chunk tasks are not run
+   again). A segmentation whose flow run died stops at its next chunk;
+6. **features** (Dask): the particle Parquet file;
+7. **store** (flow process, the only writer of the catalog): the particles
    and the ``samples`` row replace the sample's earlier ones atomically; the
    run is recorded in ``runs``; then the archived scan (a scan directory:
    ``scan.json``, ``image.ome.zarr`` and ``source.json`` with the original's
-   fingerprint) and the labels are moved to ``<home>/scans/<sample>/`` and
-   ``<home>/segmentations/<sample>/``. The archive is what the ``resegment``
+   fingerprint and path) and the labels are moved to ``<home>/scans/<sample>/``
+   and ``<home>/segmentations/<sample>/``. The archive is what the ``resegment``
    flow re-ingests: its ledger fingerprint is the original scan's;
-6. a Prefect markdown artifact ``ingest-<sample>`` with the sample's summary.
+8. a Prefect markdown artifact ``ingest-<sample>`` with the sample's summary.
 
-Failure. Any error of steps 1-5 (bad input, a crash of the segmentation)
+Failure. Any error of steps 1-7 (bad input, a crash of the segmentation)
+waits for the run's tasks to stop writing, removes the work directory,
 records the run as failed, marks the sample ``quarantined`` with the reason
 (its earlier particles, if any, stay stored and queryable), moves the scan
-directory to ``<home>/quarantine/`` with an ``error.json`` and removes the
-work directory; the flow run then fails with the reason. Only this flow run
-is affected: every scan has its own. A scan that changed while it was being
-ingested is not stored (``superseded``): the watcher submits its new content.
+directory to ``<home>/quarantine/`` with an ``error.json``; the flow run then
+fails with the reason. Only this flow run is affected: every scan has its
+own. A failure of the platform rather than of the scan (a full disk or an
+exceeded quota, the catalog locked) leaves the sample's row as it was: its
+stored version is still complete and the latest good one; the error is in the
+run's row, the flow run's log and (disk full) the quarantine's ``error.json``
+(a scan that cannot be quarantined stays in the inbox). A scan that changed
+while it was being ingested is not stored: the run ends ``superseded`` and
+the watcher submits the new content.
 
 Dask. Tasks run on the cluster at ``$DASK_SCHEDULER_ADDRESS`` (``ps3d serve``
 starts a persistent local one and exports it), else on a temporary local
@@ -36,6 +54,7 @@ cluster per flow run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -43,7 +62,7 @@ import shutil
 import socket
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +71,21 @@ from prefect.artifacts import create_markdown_artifact
 
 from deployments.cluster import SCHEDULER_ADDRESS_ENV
 from ps3d_core import __version__, catalog
+from ps3d_core.claims import claim_winner, claimants
 from ps3d_core.errors import ScanError
-from ps3d_core.io.atomic import replace_directory
 from ps3d_core.inbox import fingerprint as scan_fingerprint
 from ps3d_core.inbox import quarantine
+from ps3d_core.io.atomic import replace_directory
 from ps3d_core.model_registry import describe_model, resolve_model
 from schemas.catalog import SAFE_ID_PATTERN
 from schemas.scan import SCAN_JSON
-from tasks.ingest import convert_scan, measure_particles, segment_scan, store_particles, validate_scan
+from tasks.ingest import (
+    convert_scan,
+    measure_particles,
+    segment_scan,
+    store_particles,
+    validate_scan,
+)
 
 WORK_DIR = "work"
 SCANS_DIR = "scans"
@@ -69,6 +95,10 @@ SOURCE_JSON = "source.json"
 ARCHIVED_IMAGE = "image.ome.zarr"
 #: Segmentation defaults of the flow (``SegmentParams`` fields); a deployment's ``segment_options`` override them.
 DEFAULT_SEGMENT_OPTIONS: dict[str, Any] = {"device": "auto"}
+#: Prefect state types after which a flow run's process no longer works on its sample.
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+#: Seconds a failing run waits for its tasks still running on Dask before it removes their work directory.
+TASK_DRAIN_S = 300.0
 
 
 def task_runner():
@@ -79,9 +109,10 @@ def task_runner():
     if address is not None:
         return DaskTaskRunner(address=address)
     workers = max(1, min(4, os.cpu_count() or 1))
+    # the scheduler's HTTP server runs even without a dashboard: a free port, not the well-known 8787
     return DaskTaskRunner(
         cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None, "host": "127.0.0.1"}
+                        "dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"}
     )  # fmt: skip
 
 
@@ -116,7 +147,7 @@ def already_ingested(
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_run_id(sample: str | None = None) -> str:
@@ -149,6 +180,127 @@ def source_fingerprint(scan: Path) -> str | None:
 
 def _is_archive(scan: Path, home: Path) -> bool:
     return scan.parent.absolute() == (home / SCANS_DIR).absolute()
+
+
+# --------------------------------------------------------------------------
+# who owns a sample id; which runs are dead; platform problems
+# --------------------------------------------------------------------------
+
+
+def stored_from(home: Path, sample_id: str) -> Path | None:
+    """The original path of the scan a sample was stored from (its archive's ``source.json``), else None."""
+    try:
+        value = json.loads((home / SCANS_DIR / sample_id / SOURCE_JSON).read_text(encoding="utf-8")).get("path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(value) if isinstance(value, str) and value else None
+
+
+def check_claim(home: Path, scan: Path, sample_id: str) -> None:
+    """Raise :class:`ScanError` when another scan directory owns ``sample_id`` (rule: :mod:`ps3d_core.claims`)."""
+    stored = stored_from(home, sample_id)
+    winner = claim_winner(scan.name, claimants(scan.parent, sample_id), stored.name if stored else None)
+    if winner == scan.name:
+        return
+    where = f", from which it is already stored ({stored})" if stored else f" ({scan.parent / winner}), whose name sorts first"
+    raise ScanError(scan / SCAN_JSON, f"sample_id {sample_id} is also claimed by scan directory {winner}{where}; "
+                    "a sample_id belongs to one scan directory: give this scan its own sample_id and move it back "
+                    "into the inbox")  # fmt: skip
+
+
+def process_record() -> dict[str, Any]:
+    """This run's process, recorded in its run row so that a later run can tell whether it died."""
+    import psutil
+    from prefect.runtime import flow_run
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": psutil.Process().create_time(),
+            "flow_run_id": flow_run.id}  # fmt: skip
+
+
+def _flow_run_state(flow_run_id: str) -> str | None:
+    """The state type of a flow run (COMPLETED, CRASHED, ...), None when the API cannot tell."""
+    from uuid import UUID
+
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except Exception:  # noqa: BLE001 - unknown: the caller treats the run as alive
+        return None
+    return state.type.value if state is not None else None
+
+
+def process_alive(process: dict[str, Any]) -> bool:
+    """Whether the process of a run recorded as ``running`` may still work on it (unknown counts as alive).
+
+    On this host the pid and its start time tell (a reused pid has another
+    start time); elsewhere the state of the run's flow run does.
+    """
+    import psutil
+
+    if process.get("host") == socket.gethostname() and process.get("pid"):
+        try:
+            started = psutil.Process(int(process["pid"])).create_time()
+        except psutil.NoSuchProcess:
+            return False
+        return abs(started - float(process.get("pid_started") or 0)) < 1.0
+    if process.get("flow_run_id"):
+        return _flow_run_state(str(process["flow_run_id"])) not in FINAL_STATES
+    return True
+
+
+def interrupt_dead_runs(home: Path, sample_id: str, run_id: str) -> list[str]:
+    """Mark the sample's other ``running`` runs whose process is gone as ``interrupted``; their ids."""
+    dead = [row["run_id"] for row in catalog.running_runs(home, sample_id)
+            if row["run_id"] != run_id and not process_alive(row["parameters"].get("process") or {})]  # fmt: skip
+    return catalog.interrupt_runs(home, dead, f"interrupted: its process ended without recording an outcome "
+                                  f"(killed, or its failure could not be written); run {run_id} took over")  # fmt: skip
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+def disk_full(error: BaseException) -> bool:
+    """True when ``error`` or an error it came from is a full disk or an exceeded quota.
+
+    Errors from Dask workers, DuckDB or wrapped ones may carry only the message, so that counts too.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(message in str(current) for message in _DISK_FULL_MESSAGES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def written_file(error: BaseException) -> Path | None:
+    """The file named by ``error`` or an error it came from (an ``OSError``'s filename, a ``ScanError``'s path)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = getattr(current, "filename", None) or getattr(current, "path", None)
+        if isinstance(name, (str, os.PathLike)):
+            return Path(name)
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _drain(futures: list, logger) -> None:
+    """Wait for the run's submitted tasks to stop (so none writes into a work directory being removed)."""
+    from prefect.futures import wait
+
+    if futures:
+        _, running = wait(futures, timeout=TASK_DRAIN_S)
+        if running:
+            logger.warning("%d task(s) still running after %g s; removing their work directory anyway",
+                           len(running), TASK_DRAIN_S)  # fmt: skip
 
 
 def sample_summary(particles_path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -199,8 +351,8 @@ def summary_markdown(sample_id: str, summary: dict[str, Any], model: dict[str, A
         "| | |",
         "|---|---|",
         f"| particles | {summary['particles']} ({summary['particles_touching_border']} touching the border) |",
-        f"| D10 / D50 / D80 by volume | {_fmt(summary['d10_volume_mm'])} / {_fmt(summary['d50_volume_mm'])} / "
-        f"{_fmt(summary['d80_volume_mm'])} mm |",
+        (f"| D10 / D50 / D80 by volume | {_fmt(summary['d10_volume_mm'])} / {_fmt(summary['d50_volume_mm'])} / "
+         f"{_fmt(summary['d80_volume_mm'])} mm |"),
         f"| mean sphericity (whole particles) | {_fmt(summary['mean_sphericity'], 3)} |",
         f"| phase grades (share of particle volume; {summary['phases_source'] or 'none'}) | {grades} |",
         f"| model | {model['name']} {model['version']} |",
@@ -243,7 +395,8 @@ def ingest_scan(
     home : str, optional
         Platform home; default ``$PS3D_HOME``, else ``./ps3d-data``.
     force : bool
-        Ingest even when the ledger says this content was ingested with this model.
+        Ingest even when the ledger says this content was ingested with this model, or when
+        another scan directory owns the sample id.
     quarantine_failed : bool
         Move a failing scan to the quarantine (default).
 
@@ -252,6 +405,8 @@ def ingest_scan(
     dict
         ``status`` (ingested, skipped or superseded), sample_id, run_id, fingerprint and the summary.
     """
+    # the flow's body is long because each step's failure needs what the earlier ones left (the
+    # work directory, the recorded run, the submitted tasks): one try block keeps that in one place
     logger = get_run_logger()
     started_at, t0 = _now(), time.perf_counter()
     home_path = catalog.resolve_home(home)
@@ -261,6 +416,7 @@ def ingest_scan(
     stage = "validate"
     sample_id: str | None = None
     work: Path | None = None
+    futures: list = []  # submitted tasks: a failure waits for them before removing the work directory
     run_recorded = False
     content = fingerprint
     model: dict[str, Any] = {}
@@ -276,6 +432,11 @@ def ingest_scan(
         sample_id = info["sample_id"]
         model = describe_model(resolve_model(home_path, model_dir))
         timings["validate"] = time.perf_counter() - t
+        archived = _is_archive(scan, home_path)  # resegmenting the archive: nothing to convert, no claim
+        stage = "claim"
+        if not force and not archived:
+            check_claim(home_path, scan, sample_id)
+        stage = "ledger"
         done = already_ingested(home_path, sample_id, content, model["version"])
         if done is not None and not force:
             logger.info("%s: already ingested with this content and model %s %s (run %s); nothing to do",
@@ -284,12 +445,15 @@ def ingest_scan(
                     "run_id": done.get("last_run_id"), "model_version": model["version"]}  # fmt: skip
 
         stage = "record"
-        parameters |= {"model": model, "fingerprint": content}
+        parameters |= {"model": model, "fingerprint": content, "process": process_record()}
         catalog.record_run(home_path, {
             "run_id": run_id, "sample_id": sample_id, "status": "running", "started_at": started_at,
             "parameters": parameters, "versions": {"ps3d": __version__}, "host": socket.gethostname(),
         })  # fmt: skip
         run_recorded = True
+        for interrupted in interrupt_dead_runs(home_path, sample_id, run_id):
+            logger.warning("%s: run %s was left running by a process that died; marked interrupted",
+                           sample_id, interrupted)  # fmt: skip
         work = home_path / WORK_DIR / f"{sample_id}-{content[:12]}"
         work.mkdir(parents=True, exist_ok=True)
         params = DEFAULT_SEGMENT_OPTIONS | dict(segment_options or {}) | {"model_dir": model["path"]}
@@ -301,9 +465,9 @@ def ingest_scan(
         archive.mkdir(exist_ok=True)
         shutil.copyfile(scan / SCAN_JSON, archive / SCAN_JSON)
         (archive / SOURCE_JSON).write_text(json.dumps({"fingerprint": content, "path": str(scan)}) + "\n")
-        archived = _is_archive(scan, home_path)  # resegmenting the archive: nothing to convert
         converted = None if archived else convert_scan.submit(str(scan), str(archive / ARCHIVED_IMAGE))
         segmented = segment_scan.submit(str(scan), str(work / "segment"), params, address)
+        futures += [f for f in (converted, segmented) if f is not None]
         segment = segmented.result()
         timings["segment"] = time.perf_counter() - t
         logger.info("%s: %d particles segmented in %.1f s", sample_id, segment["particle_count"], timings["segment"])
@@ -311,6 +475,7 @@ def ingest_scan(
         stage = "features"
         t = time.perf_counter()
         features = measure_particles.submit(segment["labels"], str(scan), run_id, str(work / "particles.parquet"))
+        futures.append(features)
         measured = features.result()
         timings["features"] = time.perf_counter() - t
         stage = "convert"
@@ -351,25 +516,32 @@ def ingest_scan(
                 "model_version": model["version"], "summary": summary, "timings": timings,
                 "particles_file": stored["path"]}  # fmt: skip
     except _Superseded as error:
-        _record_failure(home_path, run_id, sample_id, started_at, parameters, timings, str(error), run_recorded)
+        _record_failure(home_path, run_id, sample_id, started_at, parameters, timings, str(error), run_recorded,
+                        status="superseded")  # fmt: skip
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
         logger.warning("%s", error)
         return {"status": "superseded", "sample_id": sample_id, "run_id": run_id, "fingerprint": content}
     except Exception as error:
         reason = str(error) if isinstance(error, ScanError) else f"{type(error).__name__}: {error}"
+        full = disk_full(error)
+        written = (written_file(error) or home_path) if full else None
+        if written is not None and str(written) not in reason:  # a failed write() names no file
+            reason += f" (writing under {written})"
         logger.error("%s failed at %s: %s", scan, stage, reason)
         sample_id = sample_id or _raw_sample_id(scan)
         if work is not None:
+            _drain(futures, logger)
             shutil.rmtree(work, ignore_errors=True)
         _record_failure(home_path, run_id, sample_id, started_at, parameters, timings, f"{stage}: {reason}", True)
         lock_problem = isinstance(error, catalog.CatalogLockTimeout)
         entry = None
         if quarantine_failed and not lock_problem and not _is_archive(scan, home_path) and scan.exists():
-            entry = quarantine(scan, home_path, error, stage=stage, details={
+            entry = _quarantine(scan, home_path, error, stage, written, {
                 "sample_id": sample_id, "fingerprint": content, "run_id": run_id})  # fmt: skip
-            logger.error("%s moved to %s (see its error.json)", scan.name, entry)
-        if sample_id is not None and not lock_problem:
+        # the samples row describes the stored version: a losing claim is another directory's sample, and a
+        # full disk or a locked catalog says nothing about the scan
+        if sample_id is not None and stage != "claim" and not lock_problem and not full:
             try:
                 catalog.mark_sample(home_path, sample_id, "quarantined" if entry else "failed", f"{stage}: {reason}")
             except Exception as mark_error:  # noqa: BLE001 - the original error is what matters
@@ -387,13 +559,26 @@ class _Superseded(Exception):
     """The scan changed while it was ingested."""
 
 
+def _quarantine(scan: Path, home: Path, error: Exception, stage: str, file: Path | None,
+                details: dict[str, Any]) -> Path | None:  # fmt: skip
+    """Move the failed scan to the quarantine; None when that failed too (the scan then stays where it was)."""
+    logger = get_run_logger()
+    try:
+        entry = quarantine(scan, home, error, stage=stage, file=file, details=details)
+    except OSError as problem:  # a full disk cannot take error.json: quarantine() put the scan back
+        logger.error("could not quarantine %s (%s); it stays in %s", scan.name, problem, scan.parent)
+        return None
+    logger.error("%s moved to %s (see its error.json)", scan.name, entry)
+    return entry
+
+
 def _record_failure(home: Path, run_id: str, sample_id: str | None, started_at: datetime, parameters: dict,
-                    timings: dict, error: str, write: bool) -> None:  # fmt: skip
+                    timings: dict, error: str, write: bool, status: str = "failed") -> None:  # fmt: skip
     if not write:
         return
     try:
         catalog.record_run(home, {
-            "run_id": run_id, "sample_id": sample_id, "status": "failed", "started_at": started_at,
+            "run_id": run_id, "sample_id": sample_id, "status": status, "started_at": started_at,
             "finished_at": _now(), "parameters": parameters, "timings": {k: round(v, 3) for k, v in timings.items()},
             "versions": {"ps3d": __version__}, "host": socket.gethostname(), "error": error[:10_000],
         })  # fmt: skip

@@ -412,6 +412,7 @@ def segment(
         Optional[str], typer.Option(help="Dask scheduler to run the chunks on; default $DASK_SCHEDULER_ADDRESS, else a local cluster.")
     ] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Workers of the local Dask cluster.")] = None,
+    keep_work: Annotated[bool, typer.Option(help="Keep the work directory OUT/.work-* (intermediates, task records).")] = False,
 ) -> None:
     """Segment every particle of a scan: OUT/labels.ome.zarr (uint32) and OUT/segment.json.
 
@@ -436,6 +437,7 @@ def segment(
             batch_size=batch_size,
             chunk_size=chunk_size,
             particle_size_mm=particle_size_mm,
+            keep_work=keep_work,
         )
     except ValidationError as error:
         raise fail("; ".join(item["msg"] for item in error.errors())) from None

@@ -26,3 +26,8 @@ class ScanError(Exception):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        # a Dask worker pickles the error back to the flow: rebuild it from
+        # (path, problem), not from the formatted message in ``args``
+        return type(self), (self.path, self.problem)

@@ -60,7 +60,10 @@ PHASES_METADATA_KEY = "ps3d.phases"
 PHASES_SOURCE_METADATA_KEY = "ps3d.phases_source"
 
 SAMPLE_STATUSES = ("processing", "ingested", "failed", "quarantined")
-RUN_STATUSES = ("running", "succeeded", "failed")
+#: A run is ``superseded`` when its scan changed while it ran (nothing stored; another run ingests the new
+#: content) and ``interrupted`` when its process ended without recording an outcome (marked so by the sample's
+#: next run).
+RUN_STATUSES = ("running", "succeeded", "failed", "superseded", "interrupted")
 PHASES_SOURCES = ("scan.json", "auto")
 #: Where the particle size used for segmentation came from (``ps3d segment``'s ``particle_size_source``).
 PARTICLE_SIZE_SOURCES = ("scan.json", "params", "estimated")
@@ -151,7 +154,12 @@ _SAMPLE_COLUMNS = (
 _RUN_COLUMNS = (
     Column("run_id", "VARCHAR", "", "Pipeline run id (primary key); the particles' run_id column refers to it."),
     Column("sample_id", "VARCHAR", "", "Sample the run processed (NULL when it failed before reading scan.json)."),
-    Column("status", "VARCHAR", "", "running, succeeded or failed."),
+    Column(
+        "status", "VARCHAR", "",
+        "running, succeeded, failed, superseded (the scan changed while it ran: nothing stored, the new content "
+        "is ingested by another run) or interrupted (its process ended without recording an outcome: killed, or "
+        "unable to write its failure; set by the sample's next run).",
+    ),
     Column("started_at", "TIMESTAMP", "UTC", "Start of the run."),
     Column("finished_at", "TIMESTAMP", "UTC", "End of the run; NULL while running."),
     Column("parameters", "JSON", "", "Parameters of the run (segmentation, features), as given to the pipeline."),
@@ -609,7 +617,7 @@ class RunRecord(BaseModel):
 
     run_id: SafeId
     sample_id: SafeId | None = None
-    status: Literal["running", "succeeded", "failed"] = "succeeded"
+    status: Literal["running", "succeeded", "failed", "superseded", "interrupted"] = "succeeded"
     started_at: datetime
     finished_at: datetime | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)

@@ -16,13 +16,14 @@ Database writes are not tasks of the task runner: the flow calls
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-_OPTIONS = dict(cache_policy=NO_CACHE, persist_result=False)
+_OPTIONS = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 @task(name="validate", **_OPTIONS)
@@ -43,14 +44,21 @@ def validate_scan(scan_path: str) -> dict[str, Any]:
 
 @task(name="convert", **_OPTIONS)
 def convert_scan(scan_path: str, out: str) -> dict[str, Any]:
-    """Stream the scan into an OME-Zarr image pyramid at ``out`` (replaced atomically)."""
+    """Stream the scan into an OME-Zarr image pyramid at ``out`` (replaced atomically).
+
+    Without the converter's up-front space check: it compares the
+    uncompressed size with the free space (refusing compressed copies that
+    would fit) and reports a refusal as a problem of the scan. A disk that
+    really fills up raises ``ENOSPC``, which the flow treats as the
+    platform's problem; the partial output is removed either way.
+    """
     import time
 
     from ps3d_core.io import convert_to_ome_zarr, open_scan
 
     started = time.perf_counter()
     with open_scan(scan_path) as scan:
-        convert_to_ome_zarr(scan, out)
+        convert_to_ome_zarr(scan, out, check_disk_space=False)
     return {"image": out, "seconds": time.perf_counter() - started}
 
 
@@ -64,6 +72,33 @@ def _inside_dask_worker() -> bool:
         return False
 
 
+class Abandoned(RuntimeError):
+    """The flow run that submitted this task is gone: its result is no longer wanted."""
+
+
+def _abandonment_check() -> Callable[[str, int, int], None]:
+    """A segmentation progress callback that raises :class:`Abandoned` once this Dask task is no longer wanted.
+
+    A Dask worker cannot stop a running task. When the flow run's process
+    dies (killed, its machine lost), the scheduler releases the task and the
+    worker marks it ``cancelled``, but the task would go on submitting chunk
+    tasks and finally clean the work directory up, under the feet of the run
+    that resumes it. So the segmentation looks at its own state after every
+    chunk and stops.
+    """
+    from distributed import get_worker
+    from distributed.worker import thread_state
+
+    worker, key = get_worker(), thread_state.key
+
+    def check(stage: str, done: int, total: int) -> None:
+        state = worker.state.tasks.get(key)
+        if state is None or state.state in ("cancelled", "released", "forgotten"):
+            raise Abandoned(f"segmentation task {key} was released by its flow run (gone); stopped at {stage}")
+
+    return check
+
+
 @task(name="segment", **_OPTIONS)
 def segment_scan(
     scan_path: str, out_dir: str, params: dict[str, Any], dask_address: str | None = None
@@ -73,7 +108,8 @@ def segment_scan(
     On a Dask worker (the flow's DaskTaskRunner) the chunk tasks go to the
     same cluster through ``worker_client``, which takes this task out of the
     worker's thread pool while it waits, so a one-thread worker cannot
-    deadlock. Elsewhere they go to ``dask_address`` (default
+    deadlock; the segmentation stops when its flow run is gone
+    (:func:`_abandonment_check`). Elsewhere they go to ``dask_address`` (default
     ``$DASK_SCHEDULER_ADDRESS``, else a temporary local cluster).
     """
     from deployments.cluster import chunk_executors, dask_client
@@ -83,10 +119,11 @@ def segment_scan(
     if _inside_dask_worker():
         from distributed import worker_client
 
+        progress = _abandonment_check()  # before worker_client: it needs this task's key
         with worker_client() as client:
             predict_executor, executor = chunk_executors(client)
-            record = run_segmentation(scan_path, out_dir, segment_params,
-                                      predict_executor=predict_executor, executor=executor)  # fmt: skip
+            record = run_segmentation(scan_path, out_dir, segment_params, predict_executor=predict_executor,
+                                      executor=executor, progress=progress)  # fmt: skip
     else:
         with dask_client(dask_address) as client:
             predict_executor, executor = chunk_executors(client)

@@ -56,11 +56,13 @@ def prefect_api(tmp_path_factory):
 def dask_address():
     from distributed import LocalCluster
 
+    import deployments.cluster  # noqa: F401 - its import keeps glibc's malloc defaults in the workers, as in `ps3d serve`
+
+    # dashboard_address=None would still take 127.0.0.1:8787
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None, env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+                           dashboard_address="127.0.0.1:0", env={"OMP_NUM_THREADS": "1"})  # fmt: skip
     yield cluster.scheduler_address
     cluster.close()
-
 
 
 @pytest.fixture

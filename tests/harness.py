@@ -5,11 +5,14 @@ of conftest.py (prefect_api, dask_address, platform_env)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -91,7 +94,7 @@ class Platform:
         self.process.send_signal(sig)
         self.process.wait(90)
         self.handle.close()
-        gone, alive = psutil.wait_procs(children, timeout=15)
+        _, alive = psutil.wait_procs(children, timeout=15)
         return alive
 
 
@@ -145,3 +148,78 @@ class Watcher:
         code = self.process.wait(60)
         self.handle.close()
         return code
+
+
+# --------------------------------------------------------------------------
+# fault tests: scans staged outside the inbox, references, processes, a small disk
+# --------------------------------------------------------------------------
+
+
+def stage_scan(root: Path, sample_id: str, seed: int) -> Path:
+    """A complete synthetic scan written under ``root`` (outside the inbox), to be moved in with one rename."""
+    return write_synthetic_scan(synthesize("tiny", seed, workers=1, sample_id=sample_id), root)
+
+
+def reference_of(root: Path, scans: list[Path], model_dir: Path) -> Path:
+    """The fault-free database of ``scans`` (tests/reference.py), built in this process from copies of them.
+
+    ``shutil.copytree`` keeps the files' modification times, so the copies have the scans' fingerprints.
+    """
+    from reference import reference_home
+
+    home = root / f"reference-{uuid.uuid4().hex[:6]}"
+    for scan in scans:
+        copy = root / f".reference-scans-{uuid.uuid4().hex[:6]}" / scan.name
+        shutil.copytree(scan, copy)
+        reference_home(copy, model_dir, home, SEGMENT_OPTIONS)
+    return home
+
+
+def flow_run_processes(platform: Platform) -> list[psutil.Process]:
+    """The flow-run processes (``python -m prefect.engine``) the platform's runner started."""
+    found = []
+    for child in psutil.Process(platform.process.pid).children(recursive=True):
+        try:
+            if "prefect.engine" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def segmentation_markers(home: Path, stage: str = "predict") -> list[Path]:
+    """Chunk-task markers of the segmentations in progress under ``<home>/work``."""
+    return list(home.glob(f"work/*/segment/.work-*/done/{stage}/*.pkl"))
+
+
+def flow_run_state(api_url: str, flow_run_id: str) -> str:
+    return api_get(api_url, f"/flow_runs/{flow_run_id}")["state_type"]
+
+
+@contextmanager
+def tmpfs(path: Path, size_mb: int):
+    """A tmpfs of ``size_mb`` MiB mounted at ``path`` (a small disk that fills up); unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+                             check=False, capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        raise AssertionError(f"this test needs a small file system: `mount -t tmpfs` at {path} failed "
+                             f"(run as root or with CAP_SYS_ADMIN): {mounted.stderr.strip()}")  # fmt: skip
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)  # lazy: a straggler may still hold a file
+
+
+def fill_disk(path: Path, leave_bytes: int) -> Path:
+    """A ballast file that leaves ``leave_bytes`` free on the file system of ``path``."""
+    ballast = path / "ballast"
+    free = shutil.disk_usage(path).free
+    with open(ballast, "wb") as handle:
+        chunk = b"\0" * (1 << 20)
+        remaining = free - leave_bytes
+        while remaining > 0:
+            remaining -= handle.write(chunk[: min(len(chunk), remaining)])
+        handle.flush()
+        os.fsync(handle.fileno())
+    return ballast

@@ -82,12 +82,19 @@ def database_state(home: str | Path, samples: list[str] | None = None) -> dict[s
     }
 
 
+def _assert_same_rows(table: str, got: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
+    assert len(got) == len(expected) > 0, f"{table}: {len(got)} rows, the reference has {len(expected)}"
+    for row, want in zip(got, expected):
+        assert row.keys() == want.keys(), f"{table} columns differ: {sorted(row.keys() ^ want.keys())}"
+        assert row == want, {k: (row[k], want[k]) for k in row if row[k] != want[k]}
+
+
 def assert_same_database(home: str | Path, reference: str | Path, samples: list[str] | None = None) -> None:
-    """``home`` holds what ``reference`` holds: the same samples rows and the same particles, value for value."""
+    """``home`` holds what ``reference`` holds: the same samples rows and the same particles, value for value.
+
+    The particles view has a column for every phase of any stored sample, so
+    compare homes holding the same samples, or name them in ``samples``.
+    """
     got, expected = database_state(home, samples), database_state(reference, samples)
-    assert len(got["samples"]) == len(expected["samples"]) > 0, (got["samples"], expected["samples"])
-    for row, want in zip(got["samples"], expected["samples"]):
-        assert row == want, {k: (row[k], want.get(k)) for k in row if row[k] != want.get(k)}
-    assert len(got["particles"]) == len(expected["particles"]) > 0
-    for row, want in zip(got["particles"], expected["particles"]):
-        assert row == want, {k: (row[k], want.get(k)) for k in row if row[k] != want.get(k)}
+    for table in ("samples", "particles"):
+        _assert_same_rows(table, got[table], expected[table])

@@ -31,7 +31,7 @@ from ps3d_core.catalog import store as store_module
 from ps3d_core.inbox import fingerprint
 from ps3d_core.synth.particle_tables import random_particle_table
 from schemas import catalog as contract
-from schemas.particles import BASE_COLUMNS, particle_schema, phase_column
+from schemas.particles import BASE_COLUMNS, particle_schema
 from schemas.scan import ScanMetadata
 
 ROOT = Path(__file__).resolve().parents[1]

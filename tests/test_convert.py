@@ -199,13 +199,14 @@ def test_export_tiff_round_trip(tmp_path, dtype):
 
 
 def test_huge_declared_shape_is_refused_for_disk_space(tmp_path):
-    zarr.create_array(tmp_path / "huge.zarr", shape=(100_000, 100_000, 100_000), chunks=(100, 100, 100), dtype=np.uint8)
+    # 10**12 voxels: within what a reader accepts (volumes.MAX_SCAN_VOXELS), beyond any test machine's disk
+    zarr.create_array(tmp_path / "huge.zarr", shape=(10_000, 10_000, 10_000), chunks=(100, 100, 100), dtype=np.uint64)
     with open_volume(tmp_path / "huge.zarr") as huge, pytest.raises(ScanError) as error:
         convert_to_ome_zarr(huge, tmp_path / "huge.ome.zarr", spacing_zyx_mm=(0.01, 0.01, 0.01))
     assert error.value.path == str(tmp_path / "huge.zarr")
-    # 10**15 bytes of level 0, plus 1/8, 1/64 and 1/512 of it for the pyramid
+    # 8 * 10**12 bytes of level 0, plus 1/8, 1/64 and 1/512 of it for the pyramid
     assert error.value.problem.startswith(
-        f"writing it to {tmp_path / 'huge.ome.zarr'} needs 1,142,578.1 GB uncompressed, but only "
+        f"writing it to {tmp_path / 'huge.ome.zarr'} needs 9,140.6 GB uncompressed, but only "
     )
     assert f"GB are free at {tmp_path}" in error.value.problem
     assert list(tmp_path.iterdir()) == [tmp_path / "huge.zarr"]

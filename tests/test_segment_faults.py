@@ -5,66 +5,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
-import threading
 
 import numpy as np
 import torch
-from distributed.diagnostics.plugin import WorkerPlugin
+from fault_plugins import KillMidPrediction
 
 from deployments.cluster import chunk_executors, dask_client
 from ps3d_core.inference import SegmentParams, run_segmentation
 from ps3d_core.io import open_ome_zarr
 from ps3d_core.synth import synthesize, write_synthetic_scan
-
-
-class KillMidPrediction(WorkerPlugin):
-    """SIGKILLs the worker process that runs the first forward pass of a prediction chunk, once.
-
-    Installed in every worker process (also those the nanny restarts): wraps
-    the pipeline's task wrapper, to know which task the worker thread is in,
-    and ``PatchPredictor.__call__``. The first forward pass inside a
-    ``predict`` task, in any worker, claims ``flag`` (``O_EXCL``, so exactly
-    one kill per run), writes the chunk index, the pid and the worker's
-    address into it, and SIGKILLs its own process: the network has run on the
-    chunk's first batch, nothing of the chunk has been written.
-    """
-
-    name = "kill-mid-prediction"
-
-    def __init__(self, flag: str) -> None:
-        self.flag = str(flag)
-
-    def setup(self, worker) -> None:
-        from ps3d_core.inference import pipeline, predict
-
-        flag, current = self.flag, threading.local()
-        run_task, forward = pipeline._run_task, predict.PatchPredictor.__call__
-
-        def tracked_run_task(plan_path, stage, index, body):
-            current.task = (stage, [int(i) for i in index])
-            try:
-                return run_task(plan_path, stage, index, body)
-            finally:
-                current.task = None
-
-        def killing_forward(predictor, x):
-            out = forward(predictor, x)
-            task = getattr(current, "task", None)
-            if task is None or task[0] != "predict":
-                return out
-            try:
-                fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return out
-            os.write(fd, json.dumps({"chunk": task[1], "pid": os.getpid(), "worker": worker.address}).encode())
-            os.fsync(fd)
-            os.close(fd)
-            os.kill(os.getpid(), signal.SIGKILL)
-            return out  # not reached
-
-        pipeline._run_task = tracked_run_task
-        predict.PatchPredictor.__call__ = killing_forward
 
 
 def _labels(out):

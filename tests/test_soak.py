@@ -37,7 +37,7 @@ QUERIES = [
     "SELECT sample_id, particle_count, d50_volume_mm FROM samples ORDER BY sample_id",
     "SELECT sample_id, count(*) AS n, avg(esd_mm) AS esd FROM particles GROUP BY sample_id",
     "SELECT * FROM d_values",
-    "SELECT sample_id, size_mm, passing_volume FROM psd ORDER BY sample_id, size_mm",
+    "SELECT sample_id, esd_mm, passing_volume_pct FROM psd ORDER BY sample_id, esd_mm",
     "SELECT status, count(*) AS n FROM runs GROUP BY status",
 ]
 

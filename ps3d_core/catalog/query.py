@@ -56,7 +56,12 @@ from ps3d_core.catalog._common import (
     resolve_home,
     snapshot_path,
 )
-from schemas.catalog import PARTICLES_GLOB, particles_view_sql, phase_names_of, view_statements
+from schemas.catalog import (
+    PARTICLES_GLOB,
+    particles_view_sql,
+    phase_names_of,
+    view_statements,
+)
 
 DEFAULT_LIMIT = 10_000
 DEFAULT_TIMEOUT_S = 30.0
@@ -282,3 +287,23 @@ def get_sample(home: str | os.PathLike[str] | None, sample_id: str) -> dict[str,
         record["phases"] = json.loads(record["phases"])
     return record
 
+
+
+def running_runs(home: str | os.PathLike[str] | None, sample_id: str) -> list[dict[str, Any]]:
+    """The ``runs`` rows of a sample still marked ``running`` (parameters decoded), oldest first."""
+    home = resolve_home(home)
+    check_sample_id(sample_id, home)
+    if not snapshot_path(home).is_file():
+        return []
+    connection = _attach_snapshot(snapshot_path(home))
+    try:
+        cursor = connection.execute(
+            "SELECT * FROM runs WHERE sample_id = ? AND status = 'running' ORDER BY started_at", [sample_id]
+        )
+        names = [d[0] for d in cursor.description]
+        rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    finally:
+        connection.close()
+    for row in rows:
+        row["parameters"] = json.loads(row["parameters"]) if row.get("parameters") else {}
+    return rows

@@ -5,7 +5,12 @@ A write (``store_sample``, ``record_run``, ``mark_sample``):
 1. takes the writer lock (``flock`` on ``<home>/ps3d.lock``; waits up to
    ``lock_timeout_s``, then raises :class:`CatalogLockTimeout` naming the holder);
 2. opens ``ps3d.duckdb``, applies pending migrations (one transaction) and
-   recovers what a crashed writer left in ``.staging/`` (below);
+   recovers what a crashed writer left in ``.staging/`` (below), then checks
+   that the disk has room for the write, its checkpoint and the snapshot copy
+   (:func:`require_space`; else :class:`CatalogError` "No space left on
+   device" before anything changed: a checkpoint or a snapshot that fails for
+   lack of space *after* the commit would report a failure for a write that
+   the next writer publishes);
 3. ``store_sample`` only: writes the Parquet file
    ``.staging/write-<write_id>/sample_id=<id>/part-<write_id>.parquet``
    (fsynced; a new name for every store, see ``schemas.catalog.PARTICLES_GLOB``
@@ -35,16 +40,18 @@ after the swap but before the publish shows the new particles with the old
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
 import os
+import shutil
 import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +67,9 @@ from ps3d_core.catalog._common import (
     CatalogLockTimeout,
     catalog_path,
     check_sample_id,
-    particles_file,
     fsync_path,
     lock_path,
+    particles_file,
     partition_dir,
     remove_tree,
     resolve_home,
@@ -89,6 +96,8 @@ from schemas.particles import particle_schema
 from schemas.scan import ScanMetadata, describe_validation_error
 
 DEFAULT_LOCK_TIMEOUT_S = 60.0
+#: Free space kept beyond what a write needs (file-system blocks, DuckDB's block rounding).
+SPACE_MARGIN_BYTES = 1 << 20
 #: Rows per Parquet row group (DuckDB's own row-group size).
 ROW_GROUP_ROWS = 122_880
 INTENT_FILE = "intent.json"
@@ -106,13 +115,13 @@ def _fault(point: str) -> None:
 
 def utc_now() -> datetime:
     """Now, as a naive UTC timestamp (the catalog's TIMESTAMP convention)."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is None:
         return value
-    return value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value.astimezone(UTC).replace(tzinfo=None)
 
 
 # --------------------------------------------------------------------------
@@ -285,6 +294,22 @@ def _publish_snapshot(home: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def require_space(home: Path) -> None:
+    """Raise :class:`CatalogError` unless the home's disk has room to commit, checkpoint and publish the catalog.
+
+    The checkpoint grows the catalog by at most its size and the write-ahead
+    log's; the snapshot is a copy of the catalog.
+    """
+    catalog = catalog_path(home)
+    wal = catalog.with_name(catalog.name + ".wal")
+    size = sum(path.stat().st_size for path in (catalog, wal) if path.exists())
+    need = 2 * size + SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(home).free
+    if free < need:
+        raise CatalogError(home, f"{os.strerror(errno.ENOSPC)}: {free / 2**20:.1f} MiB free, a write to the "
+                           f"catalog needs about {need / 2**20:.1f} MiB; nothing was written")  # fmt: skip
+
+
 @contextmanager
 def write_session(
     home: str | os.PathLike[str] | None = None, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
@@ -303,6 +328,7 @@ def write_session(
                 migrate(connection, home)
             _recover(home, connection)  # before migrating: a backfill must not read an uncommitted swap
             migrate(connection, home)
+            require_space(home)
             yield connection
             connection.execute("CHECKPOINT")
         finally:
@@ -642,6 +668,7 @@ def store_sample(
                 json.dumps({"sample_id": sample_id, "write_id": write_id, "had_previous": had_previous}),
             )
             fsync_path(staging)
+            require_space(home)  # again: the Parquet file took its share
             connection.execute("BEGIN TRANSACTION")
             in_transaction = True
             _upsert(connection, "samples", "sample_id", row, keep=("created_at",))
@@ -692,6 +719,29 @@ def record_run(
     with write_session(home, lock_timeout_s) as connection:
         _upsert_run(connection, record)
     return record.run_id
+
+
+def interrupt_runs(
+    home: str | os.PathLike[str] | None,
+    run_ids: Sequence[str],
+    reason: str,
+    *,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+) -> list[str]:
+    """Mark the given runs ``interrupted`` (their process died) with ``reason``; returns the run ids changed.
+
+    Only rows still ``running`` change: a run that finished meanwhile keeps its status.
+    """
+    home = resolve_home(home)
+    if not run_ids:
+        return []
+    with write_session(home, lock_timeout_s) as connection:
+        changed = connection.execute(
+            f"UPDATE runs SET status = 'interrupted', finished_at = ?, error = ? "
+            f"WHERE status = 'running' AND run_id IN ({', '.join('?' for _ in run_ids)}) RETURNING run_id",
+            [utc_now(), reason, *run_ids],
+        ).fetchall()
+    return sorted(row[0] for row in changed)
 
 
 def mark_sample(

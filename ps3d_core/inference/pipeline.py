@@ -75,9 +75,9 @@ import shutil
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, as_completed
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -99,11 +99,23 @@ from ps3d_core.inference.geometry import (
     target_shape,
     zoom_factors,
 )
+from ps3d_core.intensity import sample_voxels
 from ps3d_core.io.atomic import replace_directory, write_text_atomic
 from ps3d_core.io.convert import pyramid_shapes
 from ps3d_core.io.ngff import NGFF_VERSION, multiscales_attributes
-from ps3d_core.io.volumes import Volume, ZarrVolume, is_zarr, open_volume
-from ps3d_core.models import DEFAULT_MODEL_DIR, load_model, model_fingerprint, read_metadata
+from ps3d_core.io.volumes import (
+    MAX_SCAN_VOXELS,
+    Volume,
+    ZarrVolume,
+    is_zarr,
+    open_volume,
+)
+from ps3d_core.models import (
+    DEFAULT_MODEL_DIR,
+    load_model,
+    model_fingerprint,
+    read_metadata,
+)
 from ps3d_core.particle_size import estimate_particle_size_mm
 
 __all__ = [
@@ -182,6 +194,10 @@ class SegmentParams(BaseModel):
         Chunk edge of the output label image (and of the source-grid tasks).
     keep_work : bool
         Keep the work directory (intermediate zarr arrays) after success.
+    require_particles : bool
+        Refuse a scan in which no particle is found (a scan of particles that
+        shows none is a wrong or empty scan); model evaluation turns it off,
+        where finding nothing is a weak model's score.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -197,6 +213,7 @@ class SegmentParams(BaseModel):
     particle_size_mm: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     output_chunks: int = Field(default=128, ge=1)
     keep_work: bool = False
+    require_particles: bool = True
 
     @field_validator("device")
     @classmethod
@@ -243,7 +260,12 @@ def resolve_device(device: str = "auto") -> str:
 
 def _open_input(scan_path: Path):
     """(volume, scan metadata or None, image path, spacing or None)."""
-    from ps3d_core.io.scans import LEGACY_IMAGES_DIR, LEGACY_METADATA_JSON, SCAN_JSON, open_scan
+    from ps3d_core.io.scans import (
+        LEGACY_IMAGES_DIR,
+        LEGACY_METADATA_JSON,
+        SCAN_JSON,
+        open_scan,
+    )
 
     legacy = (scan_path / LEGACY_METADATA_JSON).is_file() or (
         scan_path.parent.name == LEGACY_IMAGES_DIR and (scan_path.parent.parent / LEGACY_METADATA_JSON).is_file()
@@ -285,7 +307,9 @@ def _fingerprint(scan_path: Path, model_dir: Path, params: SegmentParams) -> str
     for line in _file_stats(scan_path):
         digest.update(f"{line}\n".encode())
     digest.update(f"model {model_dir} {model_fingerprint(model_dir)}\n".encode())
-    digest.update(json.dumps(params.model_dump(mode="json", exclude={"keep_work"}), sort_keys=True).encode())
+    # what is done with the result, not how it is computed: a rerun resumes whatever they are
+    outcome_only = {"keep_work", "require_particles"}
+    digest.update(json.dumps(params.model_dump(mode="json", exclude=outcome_only), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -322,6 +346,35 @@ def _particle_size(params: SegmentParams, metadata, volume: Volume, spacing, sca
     return size, "estimated"
 
 
+def _refuse_uniform(volume: Volume, image_path: Path) -> None:
+    """Refuse a constant image (all zero: a failed reconstruction or export): there is nothing to segment.
+
+    Looks at the strided sample the intensity levels are computed from (at
+    most 64 slices, :func:`~ps3d_core.intensity.sample_voxels`), before the
+    model is loaded; NaN in those slices is reported by the reader. The
+    quantile levels read the same slices again, from the page cache for a
+    TIFF.
+    """
+    sample = sample_voxels(volume)
+    if sample.min() == sample.max():
+        raise ScanError(
+            image_path,
+            f"is uniform: every sampled voxel is {sample.flat[0]:g}, there are no particles to segment "
+            "(an empty or failed reconstruction?)",
+        )
+
+
+def _refuse_huge_target(scan_path: Path, shape: Sequence[int], size_mm: float, size_source: str, spacing) -> None:
+    """Refuse a particle size so small against the voxels that the resampled grid could not be held anywhere."""
+    if math.prod(shape) > MAX_SCAN_VOXELS:
+        raise ScanError(
+            scan_path,
+            f"would be {'x'.join(map(str, shape))} voxels after particle-size normalisation (more than "
+            f"{MAX_SCAN_VOXELS:.3g}): particle size {size_mm:.4g} mm ({size_source}) is tiny against voxels of "
+            f"{', '.join(f'{s:.4g}' for s in spacing)} mm; both are in mm",
+        )
+
+
 def _work_dirs(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.glob(f"{WORK_PREFIX}*") if p.is_dir()) if out_dir.is_dir() else []
 
@@ -342,7 +395,9 @@ def prepare_plan(
     ------
     ScanError
         Unknown or invalid model folder, unreadable scan, no voxel size, a
-        scan smaller than one patch in the target grid, no particle size.
+        uniform image, a scan smaller than one patch or beyond
+        :data:`~ps3d_core.io.volumes.MAX_SCAN_VOXELS` in the target grid,
+        no particle size.
     """
     params = params or SegmentParams()
     scan_path = Path(scan_path).absolute()
@@ -372,6 +427,7 @@ def prepare_plan(
                 "holds no voxel size (spacing); put the image in a scan directory with scan.json, "
                 "or use an OME-Zarr/TIFF that records it",
             )
+        _refuse_uniform(volume, Path(image_path))
         folds = tuple(params.folds) if params.folds is not None else tuple(metadata_model.folds)
         model = _cached_model(str(model_dir), folds, "cpu")
         patch = tuple(model.patch_size)
@@ -388,6 +444,7 @@ def prepare_plan(
         factors = zoom_factors(spacing, size_mm, model.metadata.target_particle_size_voxels)
         source_shape = tuple(int(n) for n in volume.shape)
         shape = target_shape(source_shape, factors)
+        _refuse_huge_target(scan_path, shape, size_mm, size_source, spacing)
         if any(t < p for t, p in zip(shape, patch)):
             raise ScanError(
                 scan_path,
@@ -1024,6 +1081,21 @@ def _strip(results: list) -> list:
     return [{k: v for k, v in r.items() if k != "_stats"} for r in results]
 
 
+def _refuse_no_particles(plan: dict, work: Path) -> None:
+    """Raise ScanError for a scan in which the model found no particle; its work directory goes.
+
+    The result is final (a rerun finds nothing again), so the intermediate
+    arrays are not kept for resuming.
+    """
+    shutil.rmtree(work, ignore_errors=True)
+    raise ScanError(
+        plan["image_path"],
+        f"no particles found: the model {plan['model']['name']} {plan['model']['version']} found none at particle "
+        f"size {plan['particle_size_mm']:.4g} mm ({plan['particle_size_source']}); an empty mount, the wrong scan, "
+        "or a particle size far off",
+    )
+
+
 def _move_output(work: Path, out_dir: Path) -> Path:
     target = out_dir / LABELS_NAME
     source = work / LABELS_NAME
@@ -1072,7 +1144,9 @@ def run_segmentation(
     Raises
     ------
     ScanError
-        Bad input (see :func:`prepare_plan`).
+        Bad input (see :func:`prepare_plan`), NaN or infinite voxels met while
+        streaming, or no particle found (unless ``params.require_particles``
+        is off).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -1117,6 +1191,8 @@ def run_segmentation(
 
     removed = stages.once("remove_small", removal)
     timings["resample_back"] = time.perf_counter() - t
+    if removed["particle_count"] == 0 and params.require_particles:
+        _refuse_no_particles(plan, work)
 
     t = time.perf_counter()
     stages("write", write_labels_chunk, source_indices)
@@ -1131,7 +1207,7 @@ def run_segmentation(
     devices = sorted({r.get("device", "?") for r in predicted})
     predict_seconds = sum(float(r["_stats"]["seconds"]) for r in predicted)
     summary = {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "pipeline_version": PIPELINE_VERSION,
         "scan_path": plan["scan_path"],
         "image_path": plan["image_path"],

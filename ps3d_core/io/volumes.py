@@ -11,22 +11,27 @@ Accepted images (axis order is always z, y, x; voxel sizes in mm):
   the orientation in its affine is ignored.
 
 Voxels are integers or floats. What the headers tell is checked when the
-volume is opened (3D, numeric, equal slices, a TIFF whose data lies inside
-the file); float slabs are checked for NaN and infinity while they are
-streamed, so that a scan is never read twice. Every problem is a
+volume is opened, before any voxel is read or memory allocated (3D and more
+than one voxel thick, a plausible size, numeric, equal and consecutively
+numbered slices, a TIFF or NIfTI whose data lies inside the file); float
+slabs are checked for NaN and infinity while they are streamed, so that a
+scan is never read twice. Every problem is a
 :class:`~ps3d_core.errors.ScanError` naming the most specific file.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Self
 
 import nibabel
 import numpy as np
@@ -41,6 +46,13 @@ from ps3d_core.io.units import spacing_in_mm
 TIFF_SUFFIXES = (".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ZARR_SUFFIX = ".zarr"
+
+#: Largest declared volume and slice, in voxels. The biggest tomograms are about
+#: 8k x 8k x 8k (2**39 voxels) from 8k-wide detectors (2**26 per slice); a
+#: header declaring more is damaged or lies, and is refused before a reader
+#: allocates a slice of it.
+MAX_SCAN_VOXELS = 2**40
+MAX_SLICE_VOXELS = 2**30
 
 _DTYPE_KINDS = {"b": "boolean", "c": "complex", "V": "structured (RGB or multi-channel)", "U": "text", "O": "object"}
 
@@ -129,7 +141,7 @@ class Volume(ABC):
     def close(self) -> None:
         """Release open files; reading afterwards is an error."""
 
-    def __enter__(self) -> Volume:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -140,13 +152,31 @@ class Volume(ABC):
 
 
 def _volume_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """``shape`` when it is a plausible (Z, Y, X) scan; ScanError otherwise."""
+    if math.prod(shape) == 1:
+        raise ScanError(path, f"holds a single voxel (shape {shape}); a scan must be a 3D volume")
     if len(shape) == 2 or (len(shape) == 3 and shape[0] == 1):
         raise ScanError(path, f"is a 2D image ({shape[-2]}x{shape[-1]} voxels); a scan must be a 3D volume")
     if len(shape) != 3:
         raise ScanError(path, f"has {len(shape)} axes (shape {shape}); a scan must be a 3D volume (z, y, x)")
     if 0 in shape:
         raise ScanError(path, f"is empty (shape {shape})")
+    thin = [axis for axis, n in zip("yx", shape[1:], strict=True) if n == 1]
+    if thin:
+        raise ScanError(
+            path, f"is {_size(shape)} voxels, one voxel thick along {thin[0]}; a scan must be a 3D volume"
+        )
+    if math.prod(shape) > MAX_SCAN_VOXELS or shape[1] * shape[2] > MAX_SLICE_VOXELS:
+        raise ScanError(
+            path,
+            f"declares {_size(shape)} voxels, more than any micro-CT scan (at most {MAX_SCAN_VOXELS:.3g} voxels, "
+            f"{MAX_SLICE_VOXELS:.3g} per slice): a damaged or wrong header",
+        )
     return shape
+
+
+def _size(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 def _grey_dtype(path: Path, dtype: np.dtype) -> np.dtype:
@@ -160,8 +190,14 @@ def _check_finite(path: Path, slab: np.ndarray, z0: int) -> None:
     # min and max propagate NaN and reach infinity, without a mask as big as the slab
     if slab.dtype.kind != "f" or (np.isfinite(slab.min()) and np.isfinite(slab.max())):
         return
-    z = z0 + next(i for i, plane in enumerate(slab) if not np.isfinite(plane).all())
-    raise ScanError(path, f"slice z={z} holds NaN or infinite values; a scan must hold finite grey values")
+    z = next(i for i, plane in enumerate(slab) if not np.isfinite(plane).all())
+    bad = ~np.isfinite(slab[z])  # one slice's mask, only on the way to the error
+    y, x = (int(i[0]) for i in np.nonzero(bad))
+    raise ScanError(
+        path,
+        f"slice z={z0 + z} holds NaN or infinite values ({int(bad.sum())} voxels of the slice, the first at "
+        f"y={y}, x={x}); a scan must hold finite grey values",
+    )
 
 
 # --- TIFF -------------------------------------------------------------------
@@ -199,16 +235,37 @@ def _tiff_errors(path: Path) -> Iterator[None]:
         raise ScanError(path, f"truncated or corrupt TIFF: {log.messages[0]}")
 
 
-def _data_end(series: tifffile.TiffPageSeries) -> int:
-    """Offset in the file just past the series' image data."""
+def _check_tiff_data(path: Path, series: tifffile.TiffPageSeries, file_size: int) -> None:
+    """Refuse image data that the file cannot hold: past its end, or fewer uncompressed bytes than declared.
+
+    A damaged or forged header can declare a slice of 60000 x 60000 voxels
+    over a few stored bytes; without this check the reader would allocate it.
+    """
     if series.dataoffset is not None:  # contiguous, possibly a single IFD (ImageJ files over 4 GiB)
-        return series.dataoffset + series.nbytes
-    return max(
-        offset + count
-        for page in series.pages
-        if page is not None
-        for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True)
-    )
+        end = series.dataoffset + series.nbytes
+    else:
+        end = 0
+        for z, page in enumerate(series.pages):
+            if page is None:
+                continue
+            offsets, counts = page.dataoffsets, page.databytecounts
+            if len(offsets) != len(counts):
+                raise ScanError(
+                    path, f"truncated or corrupt TIFF: page {z} has {len(offsets)} strip offsets, {len(counts)} sizes"
+                )
+            stored = sum(counts)
+            # uncompressed, whole bytes per sample (not bit-packed): the strips hold every voxel
+            key = page.keyframe  # a TiffFrame keeps its tags there
+            unpacked = key.bitspersample == 8 * key.dtype.itemsize
+            if key.compression == 1 and unpacked and stored < page.nbytes:
+                raise ScanError(
+                    path,
+                    f"truncated or corrupt TIFF: page {z} declares {_size(page.shape)} {page.dtype} "
+                    f"({page.nbytes:,} bytes) but stores {stored:,} bytes",
+                )
+            end = max([end, *(o + c for o, c in zip(offsets, counts, strict=True))])
+    if end > file_size:
+        raise ScanError(path, f"truncated or corrupt TIFF: image data reaches byte {end}, the file has {file_size}")
 
 
 def _open_tiff(path: Path) -> tuple[tifffile.TiffFile, tifffile.TiffPageSeries]:
@@ -218,12 +275,9 @@ def _open_tiff(path: Path) -> tuple[tifffile.TiffFile, tifffile.TiffPageSeries]:
             tif = stack.enter_context(tifffile.TiffFile(path))
             len(tif.pages)  # walks the whole chain of pages, where truncation shows
             series = tif.series
-            end = _data_end(series[0]) if series else 0
-        if end > tif.filehandle.size:
-            raise ScanError(
-                path,
-                f"truncated or corrupt TIFF: image data reaches byte {end}, the file has {tif.filehandle.size}",
-            )
+        if not series:
+            raise ScanError(path, "holds no image data (a TIFF header without pages)")
+        _check_tiff_data(path, series[0], tif.filehandle.size)
         if len(series) != 1:
             shapes = ", ".join(str(s.shape) for s in series) or "none"
             raise ScanError(path, f"holds {len(series)} images of different shapes ({shapes}); expected one image")
@@ -306,6 +360,53 @@ def _slice_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
+def _name_tokens(file: Path) -> list[str]:
+    """A file name split into text and digit runs: ``rec_0012_8bit.tif`` -> rec_, 0012, _, 8, bit.tif."""
+    return re.split(r"(\d+)", file.name)
+
+
+def _check_numbering(folder: Path, files: list[Path]) -> None:
+    """Refuse a numbered slice stack with a missing, repeated or foreign slice.
+
+    Slice files share one name pattern (the same text around their digit
+    runs) and one digit run counts up by one step (usually 1). A gap is a
+    slice lost in the copy (the volume would silently be one slice short); a
+    file of another pattern (``preview.tif``, ``rec_0001_copy.tif``) or a
+    repeated number is not a slice of this stack. Names without digits are
+    read in natural order; when several digit runs vary, nothing is checked.
+    """
+    tokens = [_name_tokens(f) for f in files]
+    if len(files) < 2 or all(len(t) == 1 for t in tokens):
+        return
+    skeletons = [tuple(part.lower() for part in t[0::2]) for t in tokens]
+    pattern = max(skeletons, key=skeletons.count)  # the most common; a foreign file may sort first
+    example = files[skeletons.index(pattern)].name
+    for file, skeleton in zip(files, skeletons, strict=True):
+        if skeleton != pattern:
+            raise ScanError(
+                file,
+                f"is not named like the other slices of {folder} (such as {example}); "
+                "remove it, or name it as a slice",
+            )
+    runs = [[int(n) for n in t[1::2]] for t in tokens]
+    varying = [i for i in range(len(runs[0])) if len({r[i] for r in runs}) > 1]
+    if len(varying) > 1:
+        return
+    numbers = [r[varying[0]] if varying else r[-1] for r in runs]
+    steps = [b - a for a, b in itertools.pairwise(numbers)]
+    for index, step in enumerate(steps):
+        if step == 0:
+            raise ScanError(files[index + 1], f"repeats slice number {numbers[index]} of {files[index].name}")
+    step = min(steps)
+    for index, jump in enumerate(steps):
+        if jump != step:
+            raise ScanError(
+                folder,
+                f"misses slices: {files[index].name} is followed by {files[index + 1].name} "
+                f"(slice numbers step by {step} elsewhere); copy the missing slices",
+            )
+
+
 def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
     return f"{'x'.join(map(str, shape))} {dtype}"
 
@@ -314,13 +415,15 @@ class TiffSliceVolume(Volume):
     """A folder of 2D TIFF files, one per z slice, in natural sort order.
 
     Every slice header is read when the folder is opened, so a slice of the
-    wrong shape or dtype is reported before anything is converted.
+    wrong shape or dtype, or a gap in the slice numbers, is reported before
+    anything is converted.
     """
 
     def __init__(self, folder: Path) -> None:
         self.files = tiff_files(Path(folder))
         if not self.files:
             raise ScanError(folder, "holds no TIFF slices (*.tif, *.tiff)")
+        _check_numbering(Path(folder), self.files)
         first = _slice_header(self.files[0])
         for file in self.files[1:]:
             header = _slice_header(file)
@@ -372,15 +475,46 @@ class ZarrVolume(Volume):
 # --- NIfTI -------------------------------------------------------------------
 
 
+def _check_nifti_size(path: Path, image: nibabel.Nifti1Image) -> None:
+    """Refuse an uncompressed ``.nii`` shorter than its header declares, before anything is read.
+
+    (A ``.nii.gz`` does not tell its uncompressed size; a short one fails when read.)
+    """
+    if path.name.lower().endswith(".nii.gz"):
+        return
+    header = image.header
+    declared = int(header["vox_offset"]) + math.prod(image.shape) * header.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if declared > size:
+        raise ScanError(
+            path,
+            f"truncated or corrupt NIfTI: its header declares {_size(image.shape)} {header.get_data_dtype()} "
+            f"voxels ({declared:,} bytes with the header), the file has {size:,} bytes",
+        )
+
+
+def _nifti_spacing(header: nibabel.Nifti1Header) -> tuple[float, float, float] | None:
+    """Voxel size (z, y, x) in mm from the header; None when it records none, or a damaged one (scan.json wins)."""
+    try:
+        zooms = header.get_zooms()[:3]
+        unit = header.get_xyzt_units()[0]
+    except (KeyError, ValueError):  # an unknown unit code
+        return None
+    return spacing_in_mm(zooms[::-1], unit) if len(zooms) == 3 else None
+
+
 class NiftiVolume(Volume):
     """A NIfTI-1/2 file; its voxel (i, j, k) is (x, y, z), read transposed to (z, y, x)."""
 
     def __init__(self, path: Path) -> None:
-        with _unusable(Path(path), "is not a readable NIfTI file"):
+        path = Path(path)
+        # a damaged header fails anywhere in nibabel (KeyError for an unknown code, ...)
+        with _unusable(path, "is not a readable NIfTI file"):
             # keep_file_open: a .nii.gz is then decompressed once, front to
             # back, instead of from its start for every slab
             image = nibabel.load(path, keep_file_open=True)
             self._proxy = image.dataobj
+            _check_nifti_size(path, image)
             # scaled NIfTI (scl_slope) reads as float: ask the reader, not the header
             dtype = np.asarray(self._proxy[(0,) * len(image.shape)]).dtype
         self._extra = image.shape[3:]
@@ -388,9 +522,7 @@ class NiftiVolume(Volume):
             raise ScanError(
                 path, f"holds {math.prod(self._extra)} volumes (shape {image.shape}); a scan is one 3D volume"
             )
-        zooms = image.header.get_zooms()[:3]
-        spacing = spacing_in_mm(zooms[::-1], image.header.get_xyzt_units()[0]) if len(zooms) == 3 else None
-        super().__init__(path, image.shape[:3][::-1], dtype, spacing)
+        super().__init__(path, image.shape[:3][::-1], dtype, _nifti_spacing(image.header))
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
         xyz = self._proxy[(slice(None), slice(None), slice(z0, z1), *(0,) * len(self._extra))]

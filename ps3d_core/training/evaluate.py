@@ -49,7 +49,8 @@ def evaluate_model(
         (``sample_id``, ``particles``, ``model`` and ``threshwater`` metrics),
         and ``mean``: the metrics averaged over scans, per method.
     """
-    params = SegmentParams(model_dir=model_dir, device=device)
+    # a weak candidate that finds nothing scores zero; it is not a bad scan
+    params = SegmentParams(model_dir=model_dir, device=device, require_particles=False)
     scans = []
     with tempfile.TemporaryDirectory(prefix="ps3d-evaluate-") as tmp:
         tmp = Path(tmp)
