@@ -31,6 +31,18 @@ os.environ["PREFECT_HOME"] = PREFECT_TEST_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a test module: the bits of the single-threaded Dask workers, and robust
+    on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A real 2-fold border-core model (tests/tiny_model.py), trained once per session (~15 s on 2 cores)."""

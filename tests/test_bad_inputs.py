@@ -347,12 +347,7 @@ def test_link_outside_the_inbox_is_refused_before_anything_is_read(tmp_path):
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def segment_params(model_dir: Path, **fields) -> SegmentParams:

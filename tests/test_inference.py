@@ -59,13 +59,7 @@ from ps3d_core.synth import synthesize, write_synthetic_scan
 SEED = 6  # a tiny synthetic scan: 96^3, 17 particles, 71^3 in the tiny model's target grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: as fast for these tiny patches, and robust on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(model_dir, **kw) -> SegmentParams:
