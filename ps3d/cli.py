@@ -402,6 +402,9 @@ def segment(
     model: Annotated[Optional[Path], typer.Option(help="Model folder; default the shipped models/ps3d-default.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     tta: Annotated[bool, typer.Option(help="Mirroring test-time augmentation (8x slower).")] = False,
+    mixed_precision: Annotated[
+        bool, typer.Option(help="float16 on CUDA, bfloat16 on CPUs that have it; --no-mixed-precision: float32.")
+    ] = True,
     folds: Annotated[Optional[list[int]], typer.Option(help="Folds to ensemble (repeat); default all.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 4,
     chunk_size: Annotated[Optional[int], typer.Option(min=1, help="Chunk edge in resampled voxels (multiple of the patch).")] = None,
@@ -434,6 +437,7 @@ def segment(
             folds=tuple(folds) if folds else None,
             device=device,
             tta=tta,
+            mixed_precision=mixed_precision,
             batch_size=batch_size,
             chunk_size=chunk_size,
             particle_size_mm=particle_size_mm,

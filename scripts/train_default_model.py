@@ -28,7 +28,7 @@ from ps3d_core.synth import synthesize_samples
 from ps3d_core.training import TrainingConfig, evaluate_model, pair_scans_with_labels, train_model, write_model_card
 
 #: preset -> number of training scans; each preset's batch seed is TRAIN_SEED + its index here.
-DEFAULT_MIX = {"tiny": 10, "small": 14, "typical": 5, "hard": 4}
+DEFAULT_MIX = {"tiny": 10, "small": 14, "typical": 10, "hard": 8}
 TRAIN_SEED = 2000
 
 

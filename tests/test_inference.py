@@ -27,6 +27,8 @@ from ps3d_core.intensity import normalize
 from ps3d_core.inference import (
     PatchPredictor,
     SegmentParams,
+    autocast_dtype,
+    cpu_has_native_bfloat16,
     gaussian_weights,
     load_plan,
     patch_grid,
@@ -63,7 +65,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(model_dir, **kw) -> SegmentParams:
-    base = dict(model_dir=str(model_dir), folds=(0,), device="cpu", chunk_size=64, output_chunks=32, batch_size=4)
+    # float32: these tests compare the chunked pipeline with whole-volume references to the last bits
+    base = dict(model_dir=str(model_dir), folds=(0,), device="cpu", chunk_size=64, output_chunks=32, batch_size=4,
+                mixed_precision=False)  # fmt: skip
     return SegmentParams(**(base | kw))
 
 
@@ -100,7 +104,7 @@ def segmented(tiny_model_dir, scan, tmp_path_factory):
 def _random_predictor(patch=(16, 16, 16), features=(4, 8), seed=0):
     torch.manual_seed(seed)
     net = build_network(make_plans(patch_size=patch, features_per_stage=features), "3d_fullres", make_dataset_json())
-    return PatchPredictor([net.eval()], "cpu")
+    return PatchPredictor([net.eval()], "cpu", mixed_precision=False)
 
 
 def _chunked(predictor, image, patch, chunk, step=0.5, batch_size=1):
@@ -258,7 +262,7 @@ def test_chunked_equals_whole_volume_random_network():
 
 def test_chunked_equals_whole_volume_tiny_model(tiny_model_dir):
     model = load_model(tiny_model_dir, folds=[0])
-    predictor = PatchPredictor(model.networks, "cpu")
+    predictor = PatchPredictor(model.networks, "cpu", mixed_precision=False)
     image = np.random.default_rng(4).normal(size=(40, 47, 36)).astype(np.float32)
     ref, ref_p = sliding_window_predict(predictor, image, model.patch_size, batch_size=1, return_probabilities=True)
     labels, probs = _chunked(predictor, image, model.patch_size, (32, 32, 32))
@@ -268,7 +272,7 @@ def test_chunked_equals_whole_volume_tiny_model(tiny_model_dir):
 
 def test_chunked_equals_whole_volume_with_tta_and_folds():
     two = _random_predictor(seed=1).networks + _random_predictor(seed=2).networks
-    predictor = PatchPredictor(two, "cpu", (0, 1, 2))
+    predictor = PatchPredictor(two, "cpu", (0, 1, 2), mixed_precision=False)
     assert predictor.passes_per_patch == 16
     image = np.random.default_rng(1).normal(size=(30, 25, 21)).astype(np.float32)
     ref = sliding_window_predict(predictor, image, (16, 16, 16), batch_size=1)
@@ -287,11 +291,29 @@ def test_patch_predictor_folds_and_mirroring(tiny_model_dir):
                 dims = [a + 2 for a in axes]
                 logits = logits + torch.flip(net(torch.flip(x, dims)), dims) / 8
             expected = expected + torch.softmax(logits, 1) / 2
-        got = PatchPredictor(model.networks, "cpu", (0, 1, 2))(x)
-        plain = PatchPredictor(model.networks[:1], "cpu")(x)
+        got = PatchPredictor(model.networks, "cpu", (0, 1, 2), mixed_precision=False)(x)
+        plain = PatchPredictor(model.networks[:1], "cpu", mixed_precision=False)(x)
         assert torch.allclose(got, expected, atol=1e-6)
         assert torch.allclose(plain, torch.softmax(model.networks[0](x), 1), atol=0)
         assert torch.allclose(got.sum(1), torch.ones(1, 32, 32, 32), atol=1e-5)
+
+
+def test_mixed_precision_agrees_with_float32(tiny_model_dir, segmented):
+    """bfloat16 forward passes where the CPU has them natively; the classes agree with float32 nearly everywhere."""
+    native = cpu_has_native_bfloat16()
+    assert autocast_dtype(torch.device("cpu")) == (torch.bfloat16 if native else None)
+    assert autocast_dtype(torch.device("cpu"), mixed_precision=False) is None
+    assert autocast_dtype(torch.device("cuda")) == torch.float16
+    model = load_model(tiny_model_dir, folds=[0])
+    image = target_image(segmented["plan"], tuple(slice(0, n) for n in segmented["plan"]["target_shape"]))
+    exact, exact_sums = sliding_window_predict(
+        PatchPredictor(model.networks, "cpu", mixed_precision=False), image, model.patch_size, return_probabilities=True
+    )
+    mixed, mixed_sums = sliding_window_predict(
+        PatchPredictor(model.networks, "cpu"), image, model.patch_size, return_probabilities=True
+    )
+    assert (mixed == exact).mean() > 0.995
+    assert np.array_equal(mixed_sums, exact_sums) != native
 
 
 def test_agrees_with_nnunet_sliding_window(tiny_model_dir):
@@ -305,7 +327,7 @@ def test_agrees_with_nnunet_sliding_window(tiny_model_dir):
     image = np.random.default_rng(3).normal(size=(40, 47, 36)).astype(np.float32)
     theirs = pred.predict_sliding_window_return_logits(torch.from_numpy(image)[None]).float().argmax(0).numpy()
     model = load_model(tiny_model_dir, folds=[0])
-    ours = sliding_window_predict(PatchPredictor(model.networks, "cpu"), image, model.patch_size)
+    ours = sliding_window_predict(PatchPredictor(model.networks, "cpu", mixed_precision=False), image, model.patch_size)
     assert (ours == theirs).mean() > 0.99
 
 
@@ -328,7 +350,8 @@ def test_pipeline_border_core_equals_whole_volume_sliding_window(segmented, tiny
     image = target_image(plan, tuple(slice(0, n) for n in plan["target_shape"]))
     model = load_model(tiny_model_dir, folds=[0])
     ref, sums = sliding_window_predict(
-        PatchPredictor(model.networks, "cpu"), image, model.patch_size, batch_size=4, return_probabilities=True
+        PatchPredictor(model.networks, "cpu", mixed_precision=False), image, model.patch_size, batch_size=4,
+        return_probabilities=True,
     )
     top2 = np.sort(sums, axis=0)[-2:]
     clear = (top2[1] - top2[0]) > 1e-4 * sums.sum(0)

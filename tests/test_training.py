@@ -25,6 +25,7 @@ from ps3d_core.training import (
     pair_scans_with_labels,
     save_particle_bank,
     split_cases,
+    training_regions,
     write_raw_dataset,
 )
 from ps3d_core.training.augment import TouchingParticleTransform, intensity_transforms, paste_touching
@@ -121,6 +122,19 @@ def test_crop_boxes_tile_the_volume(shape):
     assert (cover == 1).all()
 
 
+def test_training_regions_of_a_large_scan_are_the_centre_and_a_corner():
+    rng = np.random.default_rng(3)
+    # 2x upsampling of a 256^3 scan: 512 model-grid voxels per axis, 144 source voxels fit 288
+    for _ in range(20):
+        central, corner = training_regions((256, 256, 256), (2.0, 2.0, 2.0), rng, max_edge=288)
+        assert central == (slice(56, 200),) * 3
+        assert all(s.stop - s.start == 144 for s in corner)
+        assert 0 <= corner[0].start <= 112
+        # the corner box reaches the slice plane's edges, where the field of view ends
+        assert all(s.start == 0 or s.stop == 256 for s in corner[1:])
+    assert training_regions((96, 96, 96), (1.5, 1.5, 1.5), rng, max_edge=288) == [(slice(0, 96),) * 3]
+
+
 def test_splits_keep_scans_apart():
     crops = {f"scan{i}": [f"case_{i}_0", f"case_{i}_1"] for i in range(7)}
     split = split_cases(list(crops), crops)
@@ -146,18 +160,21 @@ def test_raw_dataset(scans_root, tmp_path):
         meta = scan.metadata
     assert first["particle_size_source"] == "scan.json"
     shape = target_shape(labels.shape, zoom_factors(meta.spacing_zyx_mm, meta.particle_size_mm, 16))
-    assert tuple(first["target_shape"]) == shape
+    # a tiny scan fits the model grid whole: one region, every crop kept (blank ones are negatives)
+    (region,) = first["regions"]
+    assert region["region"] == [[0, 96]] * 3 and tuple(region["target_shape"]) == shape
     expected = instances_to_border_core(resample_nearest(labels, shape), 3)
     boxes = crop_boxes(shape, 64)
-    for name in first["crops"]:
-        k = int(name.rsplit("_", 1)[1])
-        np.testing.assert_array_equal(read_image(raw / "labelsTr" / f"{name}.tif"), expected[boxes[k]])
+    assert len(region["crops"]) == len(boxes)
+    for name, box in zip(region["crops"], boxes):
+        np.testing.assert_array_equal(read_image(raw / "labelsTr" / f"{name}.tif"), expected[box])
         assert json.loads((raw / "imagesTr" / f"{name}.json").read_text()) == {"spacing": [1.0, 1.0, 1.0]}
         image = read_image(raw / "imagesTr" / f"{name}_0000.tif")
-        assert image.dtype == np.float32 and image.shape == expected[boxes[k]].shape
-    assert np.median(read_image(raw / "imagesTr" / f"{first['crops'][0]}_0000.tif")) == pytest.approx(0, abs=0.3)
+        assert image.dtype == np.float32 and image.shape == expected[box].shape
+    assert np.median(read_image(raw / "imagesTr" / f"{region['crops'][0]}_0000.tif")) == pytest.approx(0, abs=0.3)
     split = json.loads((raw / "splits_final.json").read_text())[0]
-    assert sorted(split["train"] + split["val"]) == sorted(c for case in info["cases"] for c in case["crops"])
+    crops = [c for case in info["cases"] for r in case["regions"] for c in r["crops"]]
+    assert sorted(split["train"] + split["val"]) == sorted(crops)
     bank = load_particle_bank(raw / "particle_bank.npz")
     assert len(bank) == info["bank_particles"] > 0
     assert all(m.any() and i.shape == m.shape for i, m in bank)

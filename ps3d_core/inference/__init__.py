@@ -36,11 +36,19 @@ from ps3d_core.inference.pipeline import (
     target_image,
     write_labels_chunk,
 )
-from ps3d_core.inference.predict import PatchPredictor, predict_region, sliding_window_predict
+from ps3d_core.inference.predict import (
+    PatchPredictor,
+    autocast_dtype,
+    cpu_has_native_bfloat16,
+    predict_region,
+    sliding_window_predict,
+)
 
 __all__ = [
     "PIPELINE_VERSION",
     "PatchPredictor",
+    "autocast_dtype",
+    "cpu_has_native_bfloat16",
     "SegmentParams",
     "candidate_flags_chunk",
     "core_counts_chunk",

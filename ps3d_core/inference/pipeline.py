@@ -178,6 +178,10 @@ class SegmentParams(BaseModel):
     tta : bool
         Mirroring test-time augmentation over the model's allowed axes (8
         passes per patch in 3D).
+    mixed_precision : bool
+        Forward passes in float16 on CUDA and in bfloat16 on CPUs with native
+        bfloat16 (:class:`~ps3d_core.inference.predict.PatchPredictor`); False:
+        float32.
     batch_size : int
         Patches per forward pass.
     chunk_size : int or (int, int, int), optional
@@ -206,6 +210,7 @@ class SegmentParams(BaseModel):
     folds: tuple[int, ...] | None = None
     device: str = "auto"
     tta: bool = False
+    mixed_precision: bool = True
     batch_size: int = Field(default=4, ge=1)
     chunk_size: int | tuple[int, int, int] | None = None
     step: float = Field(default=0.5, gt=0, le=1)
@@ -497,6 +502,7 @@ def prepare_plan(
         "normalization": {"method": normalization.method, "offset": offset, "scale": scale},
         "device": params.device,
         "tta": params.tta,
+        "mixed_precision": params.mixed_precision,
         "batch_size": params.batch_size,
         "min_rel_particle_size": params.min_rel_particle_size,
         "bordercore": dict(BORDERCORE_PARAMS, halo=GROWTH_HALO),
@@ -753,7 +759,7 @@ def predict_chunk(plan_path: str, chunk_index: Sequence[int]) -> dict:
         image = target_image(plan, window)
         model = _cached_model(plan["model"]["dir"], tuple(plan["model"]["folds"]), device)
         axes = model.mirroring_axes if plan["tta"] else ()
-        predictor = PatchPredictor(model.networks, model.device, axes)
+        predictor = PatchPredictor(model.networks, model.device, axes, plan["mixed_precision"])
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(model.device)

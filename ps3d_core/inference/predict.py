@@ -15,9 +15,12 @@ the same order as in :func:`sliding_window_predict`, the whole-volume
 reference, and both give the same argmax (the per-voxel sums are the same
 float operations; only the patch batches differ).
 
-On CUDA the forward pass runs under ``torch.autocast`` (float16), the input is
-copied from pinned host memory without blocking, and the accumulation stays
-on the GPU; on the CPU everything is float32.
+Mixed precision (the default): on CUDA the forward pass runs under
+``torch.autocast`` in float16, as nnU-Net's does; on a CPU with native
+bfloat16 arithmetic (AVX512-BF16 or AMX) in bfloat16, 2.4x faster than
+float32 on the development machine (BENCHMARKS.md). Softmax, averaging and
+accumulation stay float32. On CUDA the input is copied from pinned host memory
+without blocking and the accumulation stays on the GPU.
 """
 
 from __future__ import annotations
@@ -30,7 +33,26 @@ import torch
 
 from ps3d_core.inference.geometry import gaussian_weights, patch_grid, patches_in_region
 
-__all__ = ["PatchPredictor", "predict_region", "sliding_window_predict"]
+__all__ = ["PatchPredictor", "cpu_has_native_bfloat16", "predict_region", "sliding_window_predict"]
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions natively on this CPU (AVX512-BF16 or AMX).
+
+    Elsewhere bfloat16 is emulated and slower than float32.
+    """
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast_dtype(device: torch.device, mixed_precision: bool = True) -> torch.dtype | None:
+    """The dtype forward passes autocast to on ``device``: float16 on CUDA, bfloat16 on a CPU that has it, else None."""
+    if not mixed_precision:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bfloat16():
+        return torch.bfloat16
+    return None
 
 
 class PatchPredictor:
@@ -43,11 +65,21 @@ class PatchPredictor:
     device : torch.device or str
     mirror_axes : tuple of int
         Spatial axes (0 = z) for mirroring test-time augmentation; () for none.
+    mixed_precision : bool
+        Forward passes in float16 on CUDA, in bfloat16 on a CPU with native
+        bfloat16 (:func:`autocast_dtype`); False: float32 everywhere.
     """
 
-    def __init__(self, networks: Sequence[torch.nn.Module], device, mirror_axes: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        networks: Sequence[torch.nn.Module],
+        device,
+        mirror_axes: Sequence[int] = (),
+        mixed_precision: bool = True,
+    ) -> None:
         self.networks = list(networks)
         self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype(self.device, mixed_precision)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one patch shape throughout, as nnU-Net does
         axes = sorted({int(a) for a in mirror_axes})
@@ -62,11 +94,11 @@ class PatchPredictor:
         for axes in self.mirrors:
             dims = [a + 2 for a in axes]
             xi = torch.flip(x, dims) if dims else x
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.float16):
-                    y = network(xi)
-            else:
+            if self.autocast_dtype is None:
                 y = network(xi)
+            else:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    y = network(xi)
             y = y.float()
             if dims:
                 y = torch.flip(y, dims)

@@ -19,6 +19,7 @@ from ps3d_core.training.dataset import (
     prepare_case,
     save_particle_bank,
     split_cases,
+    training_regions,
     write_raw_dataset,
 )
 from ps3d_core.training.evaluate import compare_models, evaluate_model
@@ -38,5 +39,6 @@ __all__ = [
     "save_particle_bank",
     "split_cases",
     "train_model",
+    "training_regions",
     "write_model_card",
 ]

@@ -244,21 +244,32 @@ def split_cases(scan_names: Sequence[str], crops_by_scan: dict[str, list[str]], 
     }
 
 
-def training_region(
-    source_shape: Sequence[int], factors: Sequence[float], max_edge: int = MAX_CASE_EDGE
-) -> tuple[slice, slice, slice]:
-    """The central source-grid box whose model-grid edge is at most ``max_edge`` per axis.
+def training_regions(
+    source_shape: Sequence[int], factors: Sequence[float], rng: np.random.Generator, max_edge: int = MAX_CASE_EDGE
+) -> list[tuple[slice, slice, slice]]:
+    """Source-grid boxes of a scan whose model-grid edge is at most ``max_edge`` per axis.
 
-    Scans of fine particles are upsampled several-fold on the model grid; a
-    central region keeps memory and preprocessing bounded while holding
-    thousands of particles.
+    A scan that fits is one box, the whole scan. Scans of fine particles are
+    upsampled several-fold on the model grid, and a bounded region keeps
+    memory and preprocessing in check while holding thousands of particles;
+    such a scan gives two boxes: the central one, and one in a corner of the
+    slice plane (which corner, and the box's height, drawn from ``rng``). The
+    corner box holds what every scan has away from its centre and a central
+    crop never shows: the rim of the reconstructed field of view, the blank
+    outside of it and the mount's edge. A model that never saw them takes
+    them for particles.
     """
-    box = []
-    for n, f in zip(source_shape, factors):
-        edge = min(int(n), max(1, int(max_edge / f)))
-        start = (int(n) - edge) // 2
-        box.append(slice(start, start + edge))
-    return tuple(box)
+    edges = [min(int(n), max(1, int(max_edge / f))) for n, f in zip(source_shape, factors)]
+    central = tuple(slice((int(n) - e) // 2, (int(n) - e) // 2 + e) for n, e in zip(source_shape, edges))
+    if all(e == int(n) for n, e in zip(source_shape, edges)):
+        return [central]
+    nz = int(source_shape[0])
+    z0 = int(rng.integers(0, nz - edges[0] + 1))
+    corner = [slice(z0, z0 + edges[0])]
+    for n, e in zip(source_shape[1:], edges[1:]):
+        start = 0 if rng.random() < 0.5 else int(n) - e
+        corner.append(slice(start, start + e))
+    return [central, tuple(corner)]
 
 
 def case_particle_size(scan_meta, labels: np.ndarray, spacing_zyx_mm: Sequence[float]) -> tuple[float, str]:
@@ -310,24 +321,38 @@ def write_raw_dataset(
             except ValueError as error:
                 raise ScanError(case.labels_path, str(error)) from None
             levels = normalization.levels(volume)
-            region = training_region(volume.shape, zoom_factors(spacing, size_mm, target_particle_size))
-            image = volume.read(region[0].start, region[0].stop)[:, region[1], region[2]]
-        resampled, instances, border_core = prepare_case(
-            image, labels[region], spacing, size_mm, levels, target_particle_size, border_thickness
-        )
-        del image, labels
-        bank.extend(bank_particles(resampled, instances, rng))
+            factors = zoom_factors(spacing, size_mm, target_particle_size)
+            regions = [
+                (region, volume.read(region[0].start, region[0].stop)[:, region[1], region[2]])
+                for region in training_regions(volume.shape, factors, rng)
+            ]
         scan_name = f"{index:03d}_{scan.metadata.sample_id}"
         crops_by_scan[scan_name] = []
-        for k, box in enumerate(crop_boxes(resampled.shape, max_crop_edge)):
-            if not border_core[box].any():
-                continue
-            name = f"case_{index:03d}_{k:02d}"
-            write_tiff(dataset_dir / "imagesTr" / f"{name}_0000.tif", resampled[box], (1.0, 1.0, 1.0))
-            write_tiff(dataset_dir / "labelsTr" / f"{name}.tif", border_core[box], (1.0, 1.0, 1.0))
-            for folder in ("imagesTr", "labelsTr"):
-                write_text_atomic(dataset_dir / folder / f"{name}.json", json.dumps({"spacing": [1.0, 1.0, 1.0]}))
-            crops_by_scan[scan_name].append(name)
+        prepared = []
+        for region, image in regions:
+            resampled, instances, border_core = prepare_case(
+                image, labels[region], spacing, size_mm, levels, target_particle_size, border_thickness
+            )
+            bank.extend(bank_particles(resampled, instances, rng))
+            crops = []
+            # crops without particles are kept: blank epoxy and the outside of the field of view are negatives
+            for box in crop_boxes(resampled.shape, max_crop_edge):
+                name = f"case_{index:03d}_{len(crops_by_scan[scan_name]):02d}"
+                write_tiff(dataset_dir / "imagesTr" / f"{name}_0000.tif", resampled[box], (1.0, 1.0, 1.0))
+                write_tiff(dataset_dir / "labelsTr" / f"{name}.tif", border_core[box], (1.0, 1.0, 1.0))
+                for folder in ("imagesTr", "labelsTr"):
+                    write_text_atomic(dataset_dir / folder / f"{name}.json", json.dumps({"spacing": [1.0, 1.0, 1.0]}))
+                crops_by_scan[scan_name].append(name)
+                crops.append(name)
+            prepared.append(
+                {
+                    "region": [[r.start, r.stop] for r in region],
+                    "target_shape": list(resampled.shape),
+                    "particles": len(fastremap.unique(instances)) - int(instances.min() == 0),
+                    "crops": crops,
+                }
+            )
+        del regions, labels
         summary.append(
             {
                 "scan": str(case.scan_dir),
@@ -337,10 +362,7 @@ def write_raw_dataset(
                 "particle_size_mm": size_mm,
                 "particle_size_source": size_source,
                 "normalization_levels": list(levels),
-                "region": [[r.start, r.stop] for r in region],
-                "target_shape": list(resampled.shape),
-                "particles": int(instances.max()),
-                "crops": crops_by_scan[scan_name],
+                "regions": prepared,
             }
         )
     n_crops = sum(len(c) for c in crops_by_scan.values())

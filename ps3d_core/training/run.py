@@ -82,7 +82,9 @@ class TrainingConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
     init_model: str | None = None
-    augmentation_workers: int = Field(default=1, ge=0)
+    #: nnU-Net's data-augmentation processes; None: none on the CPU, where a batch's augmentation costs
+    #: a tenth of its step and a worker process would take cores from the step, else one per spare core (<= 8)
+    augmentation_workers: int | None = Field(default=None, ge=0)
     time_budget_minutes: float | None = Field(default=None, gt=0)
     training_data: str = ""
 
@@ -122,6 +124,12 @@ def _device(name: str):
     from ps3d_core.inference.pipeline import resolve_device
 
     return torch.device(resolve_device(name))
+
+
+def _augmentation_workers(requested: int | None, device) -> int:
+    if requested is not None:
+        return requested
+    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _weights(network) -> dict:
@@ -164,7 +172,8 @@ def train_model(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     with _nnunet_paths(work) as paths:
-        os.environ["nnUNet_n_proc_DA"] = str(config.augmentation_workers)
+        device = _device(config.device)
+        os.environ["nnUNet_n_proc_DA"] = str(_augmentation_workers(config.augmentation_workers, device))
         os.environ["nnUNet_compile"] = "f"
         os.environ["nnUNet_def_n_proc"] = "2"
         normalization = _normalization(config, cases)
@@ -198,7 +207,7 @@ def train_model(
         preprocess_dataset(DATASET_ID, "nnUNetPlans", (CONFIGURATION,), (2,), show_progress_bar=False)
         dataset_json = json.loads((raw / "dataset.json").read_text())
         trainer_plans = plans | {"continue_training": False}  # nnU-Net pops this key
-        trainer = PS3DTrainer(trainer_plans, CONFIGURATION, 0, dataset_json, device=_device(config.device))
+        trainer = PS3DTrainer(trainer_plans, CONFIGURATION, 0, dataset_json, device=device)
         trainer.num_epochs = config.epochs
         trainer.num_iterations_per_epoch = config.iterations_per_epoch
         trainer.num_val_iterations_per_epoch = config.val_iterations_per_epoch

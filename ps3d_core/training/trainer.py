@@ -6,6 +6,11 @@ paper's section 4.2) with two changes, both from the paper: the stronger
 intensity augmentations and the touching-particle augmentation
 (:mod:`ps3d_core.training.augment`). Epoch length and count are set per run,
 because the paper's 1000 x 250 iterations are a GPU-week budget.
+
+On a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX) the steps run
+in mixed precision with channels-last tensors, as nnU-Net's steps on CUDA run
+in float16: 2.4x faster on the development machine (BENCHMARKS.md), where
+nnU-Net itself leaves CPU training in float32.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
 
+from ps3d_core.inference.predict import cpu_has_native_bfloat16
 from ps3d_core.training.augment import TouchingParticleTransform, intensity_transforms
 
 #: nnU-Net's default intensity transforms that ParticleSeg3D's stronger ones replace.
@@ -38,7 +45,8 @@ class PS3DTrainer(nnUNetTrainer):
     ``particle_bank.npz``; None disables the touching augmentation),
     ``touching_probability``, ``border_thickness``, ``time_budget_s`` (None:
     no limit), and nnU-Net's own ``num_epochs``, ``num_iterations_per_epoch``,
-    ``num_val_iterations_per_epoch``.
+    ``num_val_iterations_per_epoch``, and ``cpu_mixed_precision`` (default: the
+    CPU has native bfloat16, :func:`cpu_has_native_bfloat16`).
 
     With a time budget the number of epochs (and so nnU-Net's poly learning
     rate schedule) is kept and the iterations of the remaining epochs are
@@ -55,6 +63,34 @@ class PS3DTrainer(nnUNetTrainer):
         self._iterations_requested = self.num_iterations_per_epoch
         self._started = 0.0
         self.iterations_per_epoch_run: list[int] = []
+        self.cpu_mixed_precision = self.device.type == "cpu" and cpu_has_native_bfloat16()
+
+    def initialize(self):
+        super().initialize()
+        if self.cpu_mixed_precision:
+            self.network.to(memory_format=torch.channels_last_3d)
+
+    def _cpu_autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def train_step(self, batch: dict) -> dict:
+        if not self.cpu_mixed_precision:
+            return super().train_step(batch)
+        # nnU-Net's step without its float16 grad scaler (bfloat16 has float32's range)
+        data = batch["data"].to(memory_format=torch.channels_last_3d)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._cpu_autocast():
+            loss = self.loss(self.network(data), batch["target"])
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        if not self.cpu_mixed_precision:
+            return super().validation_step(batch)
+        with self._cpu_autocast():
+            return super().validation_step(batch)
 
     def on_train_start(self):
         self._iterations_requested = self.num_iterations_per_epoch
