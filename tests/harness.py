@@ -4,6 +4,7 @@ of conftest.py (prefect_api, dask_address, platform_env)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -212,14 +213,21 @@ def tmpfs(path: Path, size_mb: int):
 
 
 def fill_disk(path: Path, leave_bytes: int) -> Path:
-    """A ballast file that leaves ``leave_bytes`` free on the file system of ``path``."""
+    """A ballast file that leaves ``leave_bytes`` free on the file system of ``path``.
+
+    A flow writing at the same time may take the last bytes first: the disk is then full, which is
+    what the caller wants, so running out of space here ends the filling rather than the test.
+    """
     ballast = path / "ballast"
     free = shutil.disk_usage(path).free
-    with open(ballast, "wb") as handle:
+    with open(ballast, "wb", buffering=0) as handle:  # unbuffered: nothing left to flush at close on a full disk
         chunk = b"\0" * (1 << 20)
         remaining = free - leave_bytes
-        while remaining > 0:
-            remaining -= handle.write(chunk[: min(len(chunk), remaining)])
-        handle.flush()
-        os.fsync(handle.fileno())
+        try:
+            while remaining > 0:
+                remaining -= handle.write(chunk[: min(len(chunk), remaining)])
+            os.fsync(handle.fileno())
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
     return ballast
