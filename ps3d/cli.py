@@ -515,12 +515,14 @@ def train(
     target_size: Annotated[float, typer.Option(help="Mean particle diameter on the model grid, voxels.")] = 32.0,
     patch: Annotated[int, typer.Option(help="Patch edge (voxels, divisible by 8).")] = 64,
     normalization: Annotated[str, typer.Option(help="quantile (per scan, robust) or zscore (paper Eq. 1).")] = "quantile",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same settings from its last checkpoint.")] = False,
 ) -> None:
     """Train a border-core model with nnU-Net v2 on annotated scans; writes a self-contained model folder.
 
     The folder holds plans.json, dataset.json, fold_0/checkpoint_final.pth
     (weights only), ps3d_model.json and MODEL_CARD.md; `ps3d segment --model`
-    uses it. With --init the training starts from an existing model.
+    uses it. With --init the training starts from an existing model; with
+    --resume a run stopped early (its work folder OUT.work is kept) continues.
     """
     from pydantic import ValidationError
 
@@ -545,7 +547,11 @@ def train(
         )
     except ValidationError as error:
         raise fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())) from None
-    folder = train_model(pair_scans_with_labels(scans, labels), out, config, log=lambda line: typer.echo(line, err=True))
+    try:
+        folder = train_model(pair_scans_with_labels(scans, labels), out, config, resume=resume,
+                             log=lambda line: typer.echo(line, err=True))  # fmt: skip
+    except ValueError as error:  # resuming a run of other settings
+        raise fail(str(error)) from None
     typer.echo(str(folder))
 
 

@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--eval-presets", nargs="*", default=["typical", "hard"])
     parser.add_argument("--eval-samples", type=int, default=4)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run of the same settings in --work")
     parser.add_argument("--data-only", action="store_true", help="only synthesise the training scans")
     args = parser.parse_args()
 
@@ -82,7 +83,7 @@ def main() -> None:
         init_model=args.init,
         training_data=f"{len(cases)} synthetic scans ({mix}; ps3d_core.synth, batch seeds from {TRAIN_SEED})",
     )
-    folder = train_model(cases, args.out, config, work_dir=args.work / "nnunet")
+    folder = train_model(cases, args.out, config, work_dir=args.work / "nnunet", resume=args.resume)
     recipe = " ".join(shlex.quote(a) for a in [".venv/bin/python", "scripts/train_default_model.py", *sys.argv[1:]])
     write_model_card(folder, (), recipe)
     evaluations = []

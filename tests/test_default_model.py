@@ -54,8 +54,9 @@ def test_default_model_is_used_when_no_model_is_given(segmented):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped model was trained for about 3 hours on 2 CPU cores and does not yet beat ThreshWater "
-    "(MODEL_CARD.md); it needs the GPU training run of scripts/train_default_model.py",
+    reason="the shipped model was trained for about 5 hours on 2 CPU cores (MODEL_CARD.md): it beats ThreshWater "
+    "here by far but still takes faint spacer grains for particles, so F1_instance stays under the floor; it needs "
+    "the GPU training run of scripts/train_default_model.py",
 )
 def test_default_model_beats_threshwater_on_a_held_out_scan(segmented):
     model = evaluate(segmented["labels"], segmented["truth"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -344,6 +345,47 @@ def test_fine_tuning_starts_from_the_given_weights(trained, scans_root, tmp_path
     for key, value in before.items():
         if value.is_floating_point():
             torch.testing.assert_close(after[key], value, atol=1e-4, rtol=0)
+
+
+class MachineRestart(Exception):
+    """The machine running a training goes down."""
+
+
+def test_an_interrupted_training_resumes_from_its_last_checkpoint(scans_root, tmp_path, monkeypatch):
+    from ps3d_core.training import TrainingConfig, train_model
+    from ps3d_core.training.trainer import PS3DTrainer
+
+    cases = pair_scans_with_labels(scans_root, scans_root / "_truth")[:1]
+    config = TrainingConfig(name="mini-resume", target_particle_size=16, patch_size=(32, 32, 32), epochs=3,
+                            iterations_per_epoch=2, val_iterations_per_epoch=1, device="cpu", augmentation_workers=0)  # fmt: skip
+    out, work = tmp_path / "mini-resume", tmp_path / "work"
+    finish_epoch = PS3DTrainer.on_epoch_end
+
+    def restart_after_the_second_epoch(trainer):
+        finish_epoch(trainer)
+        if trainer.current_epoch == 2:
+            raise MachineRestart
+
+    monkeypatch.setattr(PS3DTrainer, "on_epoch_end", restart_after_the_second_epoch)
+    with pytest.raises(MachineRestart):
+        train_model(cases, out, config, work_dir=work, log=lambda _: None)
+    monkeypatch.undo()
+    assert not out.exists()
+    saved = torch.load(next(work.rglob("checkpoint_latest.pth")), weights_only=False, map_location="cpu")
+    assert saved["current_epoch"] == 2
+
+    with pytest.raises(ValueError, match=r"other settings \(epochs\)"):
+        train_model(cases, out, config.model_copy(update={"epochs": 4}), work_dir=work, resume=True)
+    lines = []
+    folder = train_model(cases, out, config.model_copy(update={"time_budget_minutes": 30.0}), work_dir=work,
+                         resume=True, log=lines.append)  # fmt: skip
+    assert any(re.fullmatch(r"resuming from checkpoint_(latest|best)\.pth after epoch 2 of 3", line) for line in lines)
+    assert not any(line.startswith("preparing") for line in lines)  # the prepared dataset was reused
+    history = json.loads((folder / "training.json").read_text())["history"]
+    assert history["train_losses"][:2] == saved["logging"]["train_losses"] and len(history["train_losses"]) == 3
+    assert history["iterations_per_epoch"] == [2, 2, 2]
+    assert load_model(folder, device="cpu").metadata.name == "mini-resume"
+    assert not work.exists()
 
 
 def test_train_cli_reports_bad_input(tmp_path):

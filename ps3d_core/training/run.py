@@ -10,6 +10,11 @@
 4. the model folder (:func:`ps3d_core.models.save_model_folder`, weights
    only, ``trainer_name='nnUNetTrainer'``) with ``MODEL_CARD.md``.
 
+A run that stops early (a machine restart, a killed job) resumes with
+``resume=True``: the work directory's prepared data is reused and training
+continues from the newest readable nnU-Net checkpoint, with the optimizer,
+learning-rate schedule and history it had.
+
 nnU-Net reads ``nnUNet_raw``, ``nnUNet_preprocessed`` and
 ``nnUNet_results`` lazily; they are pointed into the work directory for the
 duration of the run. nnU-Net starts its preprocessing workers with
@@ -24,7 +29,6 @@ import copy
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +53,10 @@ CONFIGURATION = "3d_fullres"
 DATASET_ID = 501
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_Particles"
 MODEL_CARD = "MODEL_CARD.md"
+#: The run's TrainingConfig, kept in the work directory so that a resume can check it continues the same run.
+RUN_CONFIG = "training_config.json"
+#: Settings a resumed run may change: the time budget counts from the restart, and it may move to another device.
+RESUME_MAY_CHANGE = frozenset({"time_budget_minutes", "device"})
 
 
 class TrainingConfig(BaseModel):
@@ -142,12 +150,88 @@ def _weights(network) -> dict:
     return copy.deepcopy({key: value.detach().cpu() for key, value in module.state_dict().items()})
 
 
+def _prepare_dataset(
+    cases: Sequence[TrainingCase],
+    raw: Path,
+    preprocessed: Path,
+    normalization: IntensityNormalization,
+    config: TrainingConfig,
+    log: Callable[[str], None],
+) -> tuple[dict, dict]:
+    """nnU-Net's raw dataset, plans and preprocessed crops; returns the plans and the dataset summary."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+
+    log(f"preparing {len(cases)} scans at {config.target_particle_size:g} voxels per particle")
+    info = write_raw_dataset(
+        cases,
+        raw,
+        normalization,
+        target_particle_size=config.target_particle_size,
+        border_thickness=config.border_thickness,
+        seed=config.seed,
+    )
+    plans = make_plans(
+        patch_size=config.patch_size,
+        features_per_stage=config.features_per_stage,
+        n_conv_per_stage=config.n_conv_per_stage,
+        n_conv_per_stage_decoder=config.n_conv_per_stage_decoder,
+        configuration=CONFIGURATION,
+        batch_size=config.batch_size,
+        dataset_name=DATASET_NAME,
+    )
+    preprocessed.mkdir(parents=True, exist_ok=True)
+    for name in ("dataset.json", "splits_final.json"):
+        shutil.copy(raw / name, preprocessed / name)
+    write_text_atomic(preprocessed / "nnUNetPlans.json", json.dumps(plans, indent=1))
+    log(f"nnU-Net fingerprint and preprocessing of {info['crops']} crops")
+    extract_fingerprint_dataset(DATASET_ID, num_processes=2, check_dataset_integrity=True, verbose=False,
+                                show_progress_bar=False)  # fmt: skip
+    preprocess_dataset(DATASET_ID, "nnUNetPlans", (CONFIGURATION,), (2,), show_progress_bar=False)
+    return plans, info
+
+
+def _training_seconds(logged: dict) -> float:
+    """Seconds spent in training epochs, over every invocation of a resumed run."""
+    return sum(end - start for start, end in zip(logged["epoch_start_timestamps"], logged["epoch_end_timestamps"]))
+
+
+def _resumable_checkpoint(work: Path, config: TrainingConfig, log: Callable[[str], None]) -> Path | None:
+    """The newest readable checkpoint of an earlier run of ``config`` in ``work``, or None.
+
+    A run of another configuration (time budget and device aside) cannot be
+    continued: that is an error, not a silent fresh start.
+    """
+    import torch
+
+    recorded = work / RUN_CONFIG
+    if not recorded.is_file():
+        return None
+    before = json.loads(recorded.read_text())
+    now = config.model_dump(mode="json")
+    differing = sorted(k for k in now.keys() - RESUME_MAY_CHANGE if before.get(k) != now[k])
+    if differing:
+        raise ValueError(f"{work} holds a training run with other settings ({', '.join(differing)}): "
+                         "resume with the same settings, or start afresh without resume")  # fmt: skip
+    newest, newest_epoch = None, -1
+    folder = work / "nnUNet_results" / DATASET_NAME / f"PS3DTrainer__nnUNetPlans__{CONFIGURATION}" / "fold_0"
+    for path in sorted(folder.glob("checkpoint_*.pth")):
+        try:
+            epoch = torch.load(path, map_location="cpu", weights_only=False)["current_epoch"]
+        except Exception as error:  # a checkpoint cut short by the interruption itself
+            log(f"skipping unreadable {path.name}: {error}")
+            continue
+        if epoch > newest_epoch:
+            newest, newest_epoch = path, epoch
+    return newest
+
+
 def train_model(
     cases: Sequence[TrainingCase],
     out_dir: str | os.PathLike[str],
     config: TrainingConfig | None = None,
     *,
     work_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train on ``cases`` and write the model folder ``out_dir``; returns it.
@@ -155,20 +239,21 @@ def train_model(
     ``work_dir`` (default ``<out_dir>.work``) holds nnU-Net's raw,
     preprocessed and results folders and is removed after success. The
     model folder is written atomically: an existing one is replaced only by
-    a complete new one.
+    a complete new one. With ``resume`` an interrupted run of the same
+    ``config`` in ``work_dir`` continues from its newest checkpoint (a time
+    budget then counts from the restart); without a checkpoint it starts
+    afresh.
     """
     import torch
 
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
-
-    from ps3d_core.training.trainer import PS3DTrainer
+    from ps3d_core.training.trainer import ITERATIONS_LOG, PS3DTrainer
 
     config = config or TrainingConfig()
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
-    if work.exists():
+    checkpoint = _resumable_checkpoint(work, config, log) if resume else None
+    if checkpoint is None and work.exists():
         shutil.rmtree(work)
-    started = time.perf_counter()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     with _nnunet_paths(work) as paths:
@@ -178,33 +263,13 @@ def train_model(
         os.environ["nnUNet_def_n_proc"] = "2"
         normalization = _normalization(config, cases)
         raw = paths["nnUNet_raw"] / DATASET_NAME
-        log(f"preparing {len(cases)} scans at {config.target_particle_size:g} voxels per particle")
-        info = write_raw_dataset(
-            cases,
-            raw,
-            normalization,
-            target_particle_size=config.target_particle_size,
-            border_thickness=config.border_thickness,
-            seed=config.seed,
-        )
-        plans = make_plans(
-            patch_size=config.patch_size,
-            features_per_stage=config.features_per_stage,
-            n_conv_per_stage=config.n_conv_per_stage,
-            n_conv_per_stage_decoder=config.n_conv_per_stage_decoder,
-            configuration=CONFIGURATION,
-            batch_size=config.batch_size,
-            dataset_name=DATASET_NAME,
-        )
         preprocessed = paths["nnUNet_preprocessed"] / DATASET_NAME
-        preprocessed.mkdir(parents=True, exist_ok=True)
-        for name in ("dataset.json", "splits_final.json"):
-            shutil.copy(raw / name, preprocessed / name)
-        write_text_atomic(preprocessed / "nnUNetPlans.json", json.dumps(plans, indent=1))
-        log(f"nnU-Net fingerprint and preprocessing of {info['crops']} crops")
-        extract_fingerprint_dataset(DATASET_ID, num_processes=2, check_dataset_integrity=True, verbose=False,
-                                    show_progress_bar=False)  # fmt: skip
-        preprocess_dataset(DATASET_ID, "nnUNetPlans", (CONFIGURATION,), (2,), show_progress_bar=False)
+        if checkpoint is None:
+            plans, info = _prepare_dataset(cases, raw, preprocessed, normalization, config, log)
+            write_text_atomic(work / RUN_CONFIG, json.dumps(config.model_dump(mode="json"), indent=1))
+        else:
+            plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+            info = json.loads((raw / "cases.json").read_text())
         dataset_json = json.loads((raw / "dataset.json").read_text())
         trainer_plans = plans | {"continue_training": False}  # nnU-Net pops this key
         trainer = PS3DTrainer(trainer_plans, CONFIGURATION, 0, dataset_json, device=device)
@@ -218,7 +283,10 @@ def train_model(
         trainer.border_thickness = config.border_thickness
         trainer.time_budget_s = config.time_budget_minutes * 60 if config.time_budget_minutes else None
         trainer.initialize()
-        if config.init_model is not None:
+        if checkpoint is not None:
+            trainer.load_checkpoint(str(checkpoint))
+            log(f"resuming from {checkpoint.name} after epoch {trainer.current_epoch} of {config.epochs}")
+        elif config.init_model is not None:
             start = load_model(config.init_model, device="cpu")
             trainer.network.load_state_dict(start.networks[0].state_dict())
             log(f"fine-tuning from {config.init_model} ({start.metadata.name} {start.metadata.version})")
@@ -227,10 +295,9 @@ def train_model(
             f"({sum(p.numel() for p in trainer.network.parameters()):,} parameters)"
         )
         trainer.run_training()
-        history = {
-            key: [float(v) for v in trainer.logger.local_logger.my_fantastic_logging.get(key, [])]
-            for key in ("train_losses", "val_losses", "mean_fg_dice")
-        } | {"iterations_per_epoch": trainer.iterations_per_epoch_run}
+        logged = trainer.logger.local_logger.my_fantastic_logging
+        history = {key: [float(v) for v in logged[key]] for key in ("train_losses", "val_losses", "mean_fg_dice")}
+        history["iterations_per_epoch"] = [int(v) for v in logged[ITERATIONS_LOG]]
         weights = _weights(trainer.network)
     metadata = ModelMetadata(
         name=config.name,
@@ -249,7 +316,7 @@ def train_model(
         "config": config.model_dump(mode="json"),
         "dataset": {k: info[k] for k in ("crops", "bank_particles")} | {"scans": [c["sample_id"] for c in info["cases"]]},
         "history": history,
-        "training_seconds": round(time.perf_counter() - started, 1),
+        "training_seconds": round(_training_seconds(logged), 1),
     }
     write_text_atomic(folder / "training.json", json.dumps(record, indent=1))
     write_model_card(folder)

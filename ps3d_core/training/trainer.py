@@ -33,6 +33,9 @@ from ps3d_core.training.augment import TouchingParticleTransform, intensity_tran
 #: nnU-Net's default intensity transforms that ParticleSeg3D's stronger ones replace.
 _REPLACED = (MultiplicativeBrightnessTransform, ContrastTransform, GammaTransform)
 
+#: Key of the training steps run per epoch in nnU-Net's logger (saved in its checkpoints).
+ITERATIONS_LOG = "iterations"
+
 
 def _inner(transform):
     return transform.transform if isinstance(transform, RandomTransform) else transform
@@ -52,6 +55,10 @@ class PS3DTrainer(nnUNetTrainer):
     rate schedule) is kept and the iterations of the remaining epochs are
     shortened to fit, measured after every epoch: a run that must end by a
     deadline still anneals its learning rate to zero.
+
+    The iterations run in each epoch are logged beside nnU-Net's losses
+    (``logger.get_value(ITERATIONS_LOG, step=None)``), so that checkpoints
+    carry them and a resumed run reports its whole history.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict, device=torch.device("cpu")):
@@ -62,7 +69,7 @@ class PS3DTrainer(nnUNetTrainer):
         self.time_budget_s: float | None = None
         self._iterations_requested = self.num_iterations_per_epoch
         self._started = 0.0
-        self.iterations_per_epoch_run: list[int] = []
+        self.logger.local_logger.my_fantastic_logging[ITERATIONS_LOG] = []
         self.cpu_mixed_precision = self.device.type == "cpu" and cpu_has_native_bfloat16()
 
     def initialize(self):
@@ -98,7 +105,7 @@ class PS3DTrainer(nnUNetTrainer):
         super().on_train_start()
 
     def on_epoch_end(self):
-        self.iterations_per_epoch_run.append(self.num_iterations_per_epoch)
+        self.logger.log(ITERATIONS_LOG, self.num_iterations_per_epoch, self.current_epoch)
         super().on_epoch_end()
         if self.time_budget_s is None or self.current_epoch >= self.num_epochs:
             return
