@@ -17,7 +17,7 @@ float operations; only the patch batches differ).
 
 Mixed precision (the default): on CUDA the forward pass runs under
 ``torch.autocast`` in float16, as nnU-Net's does; on a CPU with native
-bfloat16 arithmetic (AVX512-BF16 or AMX) in bfloat16, 2.4x faster than
+bfloat16 arithmetic (AVX512-BF16 or AMX) in bfloat16, 2.2x faster than
 float32 on the development machine (BENCHMARKS.md). Softmax, averaging and
 accumulation stay float32. On CUDA the input is copied from pinned host memory
 without blocking and the accumulation stays on the GPU.

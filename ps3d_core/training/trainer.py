@@ -9,7 +9,7 @@ because the paper's 1000 x 250 iterations are a GPU-week budget.
 
 On a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX) the steps run
 in mixed precision with channels-last tensors, as nnU-Net's steps on CUDA run
-in float16: 2.4x faster on the development machine (BENCHMARKS.md), where
+in float16: 2.6x faster per step on the development machine (BENCHMARKS.md), where
 nnU-Net itself leaves CPU training in float32.
 """
 
