@@ -526,7 +526,7 @@ def train(
     """
     from pydantic import ValidationError
 
-    from ps3d_core.training import TrainingConfig, pair_scans_with_labels, train_model
+    from ps3d_core.training import ResumeError, TrainingConfig, pair_scans_with_labels, train_model
 
     if init is not None:
         from ps3d_core.models import read_metadata
@@ -550,7 +550,7 @@ def train(
     try:
         folder = train_model(pair_scans_with_labels(scans, labels), out, config, resume=resume,
                              log=lambda line: typer.echo(line, err=True))  # fmt: skip
-    except ValueError as error:  # resuming a run of other settings
+    except ResumeError as error:
         raise fail(str(error)) from None
     typer.echo(str(folder))
 

@@ -352,7 +352,7 @@ class MachineRestart(Exception):
 
 
 def test_an_interrupted_training_resumes_from_its_last_checkpoint(scans_root, tmp_path, monkeypatch):
-    from ps3d_core.training import TrainingConfig, train_model
+    from ps3d_core.training import ResumeError, TrainingConfig, train_model
     from ps3d_core.training.trainer import PS3DTrainer
 
     cases = pair_scans_with_labels(scans_root, scans_root / "_truth")[:1]
@@ -374,7 +374,7 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(scans_root, tm
     saved = torch.load(next(work.rglob("checkpoint_latest.pth")), weights_only=False, map_location="cpu")
     assert saved["current_epoch"] == 2
 
-    with pytest.raises(ValueError, match=r"other settings \(epochs\)"):
+    with pytest.raises(ResumeError, match=r"other settings \(epochs\)"):
         train_model(cases, out, config.model_copy(update={"epochs": 4}), work_dir=work, resume=True)
     lines = []
     folder = train_model(cases, out, config.model_copy(update={"time_budget_minutes": 30.0}), work_dir=work,
@@ -386,6 +386,22 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(scans_root, tm
     assert history["iterations_per_epoch"] == [2, 2, 2]
     assert load_model(folder, device="cpu").metadata.name == "mini-resume"
     assert not work.exists()
+
+
+def test_train_cli_refuses_to_resume_a_run_of_other_settings(scans_root, tmp_path):
+    from ps3d_core.training import TrainingConfig
+    from ps3d_core.training.run import RUN_CONFIG
+
+    out = tmp_path / "m"
+    out.with_name("m.work").mkdir()
+    training_data = f"annotated scans from {scans_root} with labels from {scans_root / '_truth'}"  # as the CLI says
+    recorded = TrainingConfig(name="m", epochs=3, training_data=training_data).model_dump(mode="json")
+    (out.with_name("m.work") / RUN_CONFIG).write_text(json.dumps(recorded))
+    result = runner.invoke(app, ["train", "--scans", str(scans_root), "--labels", str(scans_root / "_truth"),
+                                 "--out", str(out), "--epochs", "5", "--resume"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "holds a training run with other settings (epochs)" in result.output
+    assert (out.with_name("m.work") / RUN_CONFIG).read_text() == json.dumps(recorded)  # left as it was
 
 
 def test_train_cli_reports_bad_input(tmp_path):

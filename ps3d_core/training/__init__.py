@@ -23,7 +23,7 @@ from ps3d_core.training.dataset import (
     write_raw_dataset,
 )
 from ps3d_core.training.evaluate import compare_models, evaluate_model
-from ps3d_core.training.run import TrainingConfig, train_model, write_model_card
+from ps3d_core.training.run import ResumeError, TrainingConfig, train_model, write_model_card
 
 __all__ = [
     "TrainingCase",
@@ -38,6 +38,7 @@ __all__ = [
     "prepare_case",
     "save_particle_bank",
     "split_cases",
+    "ResumeError",
     "train_model",
     "training_regions",
     "write_model_card",

@@ -59,6 +59,10 @@ RUN_CONFIG = "training_config.json"
 RESUME_MAY_CHANGE = frozenset({"time_budget_minutes", "device"})
 
 
+class ResumeError(ValueError):
+    """The work directory holds a training run that the requested one cannot continue."""
+
+
 class TrainingConfig(BaseModel):
     """Everything that defines a training run (recorded in the model card).
 
@@ -210,7 +214,7 @@ def _resumable_checkpoint(work: Path, config: TrainingConfig, log: Callable[[str
     now = config.model_dump(mode="json")
     differing = sorted(k for k in now.keys() - RESUME_MAY_CHANGE if before.get(k) != now[k])
     if differing:
-        raise ValueError(f"{work} holds a training run with other settings ({', '.join(differing)}): "
+        raise ResumeError(f"{work} holds a training run with other settings ({', '.join(differing)}): "
                          "resume with the same settings, or start afresh without resume")  # fmt: skip
     newest, newest_epoch = None, -1
     folder = work / "nnUNet_results" / DATASET_NAME / f"PS3DTrainer__nnUNetPlans__{CONFIGURATION}" / "fold_0"
